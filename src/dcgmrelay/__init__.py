@@ -1,14 +1,40 @@
-"""dcgmrelay: parse, relay and ship NVIDIA dcgm-exporter metrics."""
+"""dcgmrelay: parse, relay and ship NVIDIA dcgm-exporter metrics.
+
+    >>> import dcgmrelay
+    >>> scrape = dcgmrelay.parse(body)            # bytes from GET :9400/metrics
+    >>> scrape.values, scrape.field_ids           # numpy columns
+    >>> scrape.value("GPU-…", "DCGM_FI_DEV_GPU_TEMP")
+"""
 
 from . import fields
 from ._version import __version__
 from .errors import CsvSpecError, DcgmRelayError, ParseError, UnknownFieldError
+from .scrape import (
+    TS_ABSENT,
+    Entity,
+    Family,
+    GpuMatrix,
+    SampleError,
+    Scrape,
+    format_from_content_type,
+    implementation,
+    parse,
+)
 
 __all__ = [
+    "TS_ABSENT",
     "CsvSpecError",
     "DcgmRelayError",
+    "Entity",
+    "Family",
+    "GpuMatrix",
     "ParseError",
+    "SampleError",
+    "Scrape",
     "UnknownFieldError",
     "__version__",
     "fields",
+    "format_from_content_type",
+    "implementation",
+    "parse",
 ]
