@@ -382,6 +382,8 @@ class Builder:
 
 def parse_raw(data: bytes, om: bool, strict: bool, max_errors: int, source: str | None) -> RawScrape:
     """Parse a whole body (see the module docstring); the pure-Python implementation."""
+    if not isinstance(data, bytes):
+        data = bytes(data)  # bytearray / memoryview: the twin works on immutable bytes
     b = Builder(om, strict, max_errors, source)
     values = array("d")
     timestamps = array("q")

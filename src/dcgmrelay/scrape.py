@@ -336,15 +336,30 @@ def _as_bytes(data: Buffer) -> bytes | bytearray | memoryview:
     raise TypeError(f"parse() takes bytes, bytearray, memoryview or str, not {type(data).__name__}")
 
 
+def _raw_parser(implementation: str | None):  # type: ignore[no-untyped-def]
+    if implementation is None:
+        return parse_raw
+    if implementation == "py":
+        from ._parser_py import parse_raw as py_parse_raw
+
+        return py_parse_raw
+    if implementation == "c":
+        from ._parser import parse_raw as c_parse_raw  # ImportError when not built
+
+        return c_parse_raw
+    raise ValueError(f"implementation must be 'c', 'py' or None, not {implementation!r}")
+
+
 def parse(data: Buffer, *, format: Format = "auto", strict: bool = False, source: str | None = None,
-          max_errors: int = MAX_ERRORS) -> Scrape:
+          max_errors: int = MAX_ERRORS, implementation: str | None = None) -> Scrape:
     """Parse a dcgm-exporter (or any Prometheus text / OpenMetrics 1.0) body into a :class:`Scrape`.
 
     ``format``: ``"prometheus"`` (text 0.0.4), ``"openmetrics"`` or ``"auto"`` (OpenMetrics when the
     body ends with ``# EOF``). Lenient by default: a bad line is skipped and listed in
     ``scrape.errors``. ``strict=True`` raises :class:`~dcgmrelay.ParseError` at the first bad line
     and, for OpenMetrics, enforces the whole OpenMetrics 1.0 specification. ``source`` (a file name
-    or URL) is quoted in errors.
+    or URL) is quoted in errors. ``implementation`` forces ``"c"`` or ``"py"`` (for comparisons;
+    the default is the native parser unless ``DCGMRELAY_NO_EXTENSIONS`` is set).
     """
     buf = _as_bytes(data)
     view = memoryview(buf)
@@ -359,7 +374,7 @@ def parse(data: Buffer, *, format: Format = "auto", strict: bool = False, source
         from ._openmetrics_strict import validate
 
         validate(bytes(buf), source=source)
-    raw = parse_raw(buf, om, strict, max_errors, source)
+    raw = _raw_parser(implementation)(buf, om, strict, max_errors, source)
     return Scrape(raw, format=fmt, source=source)
 
 
