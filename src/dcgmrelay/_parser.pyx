@@ -17,9 +17,11 @@ from libc.string cimport memchr, memcmp, memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_DecodeASCII
 
+import gc
+
 import numpy as np
 
-from ._parser_py import TS_ABSENT, Builder, LineError, RawScrape
+from ._parser_py import MEMO_MAX, TS_ABSENT, Builder, LineError, RawScrape
 
 cdef int64_t C_TS_ABSENT = TS_ABSENT
 
@@ -238,69 +240,14 @@ cdef inline bint parse_int_ts_fast(const unsigned char* p, Py_ssize_t n, int64_t
     return True
 
 
-cdef object parse_block_fast(const unsigned char* b, Py_ssize_t n):
-    """The (name, value) pairs of a plain label block, or None to let the Builder parse it.
-
-    Plain means: no backslash in a value, no duplicate name, valid UTF-8. The
-    result equals _parser_py.parse_label_block's for such blocks.
-    """
-    cdef Py_ssize_t i = 0, j, k, r, count = 0, x
-    cdef Py_ssize_t name_off[MAX_FAST_LABELS]
-    cdef Py_ssize_t name_len[MAX_FAST_LABELS]
-    cdef const unsigned char* hit
-    pairs = []
-    while i < n and is_ws(b[i]):
-        i += 1
-    while i < n:
-        if not LABEL_START[b[i]]:
-            return None
-        j = i + 1
-        while j < n and LABEL_CHAR[b[j]]:
-            j += 1
-        k = j
-        while k < n and is_ws(b[k]):
-            k += 1
-        if k >= n or b[k] != 61:  # '='
-            return None
-        k += 1
-        while k < n and is_ws(b[k]):
-            k += 1
-        if k >= n or b[k] != 34:
-            return None
-        hit = <const unsigned char*>memchr(b + k + 1, 34, n - k - 1)
-        if hit == NULL:
-            return None
-        r = hit - b
-        if memchr(b + k + 1, 92, r - k - 1) != NULL:  # a backslash: escapes are the Builder's job
-            return None
-        if count == MAX_FAST_LABELS:
-            return None
-        for x in range(count):
-            if name_len[x] == j - i and memcmp(b + name_off[x], b + i, j - i) == 0:
-                return None
-        name_off[count] = i
-        name_len[count] = j - i
-        count += 1
-        try:
-            value = PyUnicode_DecodeUTF8(<const char*>b + k + 1, r - k - 1, NULL)
-        except UnicodeDecodeError:
-            return None
-        pairs.append((PyUnicode_DecodeASCII(<const char*>b + i, j - i, NULL), value))
-        i = r + 1
-        while i < n and is_ws(b[i]):
-            i += 1
-        if i >= n:
-            break
-        if b[i] != 44:  # ','
-            return None
-        i += 1
-        while i < n and is_ws(b[i]):
-            i += 1
-    return pairs
-
-
 cdef class _Parser:
     cdef object builder
+    cdef dict memo
+    cdef dict ls_by_key          # the Builder's tables, updated here directly on the hot path
+    cdef list labelsets
+    # label-name sequence (bytes, comma-joined) -> (names as str, permutation sorting them):
+    # a scrape has a handful of label schemas, so names are decoded and sorted once per schema
+    cdef dict schemas
     cdef _BlockCache cache
     cdef const unsigned char* base
     cdef bint om
@@ -317,9 +264,11 @@ cdef class _Parser:
     cdef int32_t* succ
     cdef Py_ssize_t n_lids
     cdef int32_t prev_lid
+    cdef readonly int lineno
 
     def __cinit__(self):
         self.cache = _BlockCache()
+        self.schemas = {}
         self.empty_lid = -1
         self.last_len = -1
         self.last_nid = -1
@@ -333,6 +282,92 @@ cdef class _Parser:
         free(self.blk_off)
         free(self.blk_len)
         free(self.succ)
+
+    cdef object parse_block_fast(self, const unsigned char* b, Py_ssize_t n):
+        """Memo entry (ordered pairs, sorted pairs) of a plain label block, or None for the Builder.
+
+        Plain means: no backslash in a value, no duplicate name, valid UTF-8, at most
+        MAX_FAST_LABELS labels. The result equals the Builder's for such blocks.
+        """
+        cdef Py_ssize_t i = 0, j, k, r, count = 0, x, siglen = 0
+        cdef Py_ssize_t name_off[MAX_FAST_LABELS]
+        cdef Py_ssize_t name_len[MAX_FAST_LABELS]
+        cdef Py_ssize_t val_off[MAX_FAST_LABELS]
+        cdef Py_ssize_t val_len[MAX_FAST_LABELS]
+        cdef char sig[2048]
+        cdef const unsigned char* hit
+        while i < n and is_ws(b[i]):
+            i += 1
+        while i < n:
+            if not LABEL_START[b[i]]:
+                return None
+            j = i + 1
+            while j < n and LABEL_CHAR[b[j]]:
+                j += 1
+            k = j
+            while k < n and is_ws(b[k]):
+                k += 1
+            if k >= n or b[k] != 61:  # '='
+                return None
+            k += 1
+            while k < n and is_ws(b[k]):
+                k += 1
+            if k >= n or b[k] != 34:
+                return None
+            hit = <const unsigned char*>memchr(b + k + 1, 34, n - k - 1)
+            if hit == NULL:
+                return None
+            r = hit - b
+            if memchr(b + k + 1, 92, r - k - 1) != NULL:  # a backslash: escapes are the Builder's job
+                return None
+            if count == MAX_FAST_LABELS or siglen + (j - i) + 1 > 2048:
+                return None
+            for x in range(count):
+                if name_len[x] == j - i and memcmp(b + name_off[x], b + i, j - i) == 0:
+                    return None
+            name_off[count] = i
+            name_len[count] = j - i
+            val_off[count] = k + 1
+            val_len[count] = r - k - 1
+            memcpy(sig + siglen, b + i, j - i)
+            siglen += j - i
+            sig[siglen] = 44
+            siglen += 1
+            count += 1
+            i = r + 1
+            while i < n and is_ws(b[i]):
+                i += 1
+            if i >= n:
+                break
+            if b[i] != 44:  # ','
+                return None
+            i += 1
+            while i < n and is_ws(b[i]):
+                i += 1
+        sigb = PyBytes_FromStringAndSize(sig, siglen)
+        schema = self.schemas.get(sigb)
+        if schema is None:
+            names = tuple([PyUnicode_DecodeASCII(<const char*>b + name_off[x], name_len[x], NULL)
+                           for x in range(count)])
+            perm = tuple(sorted(range(count), key=names.__getitem__))
+            schema = self.schemas[sigb] = (names, perm)
+        names, perm = schema
+        try:
+            ordered = tuple([(names[x], PyUnicode_DecodeUTF8(<const char*>b + val_off[x], val_len[x], NULL))
+                             for x in range(count)])
+        except UnicodeDecodeError:
+            return None
+        return ordered, tuple([ordered[x] for x in perm])
+
+    cdef int32_t register(self, tuple entry) except -1:
+        """Label-set id of a memo entry (as Builder.labelset_id, without the Python call)."""
+        lid_obj = self.ls_by_key.get(entry[1])
+        if lid_obj is not None:
+            return lid_obj
+        cdef int32_t lid = len(self.labelsets)
+        self.ls_by_key[entry[1]] = lid
+        self.labelsets.append(entry[0])
+        return lid
 
     cdef int remember(self, int32_t lid, Py_ssize_t off, Py_ssize_t n) except -1:
         cdef Py_ssize_t cap, i
@@ -349,6 +384,54 @@ cdef class _Parser:
             self.blk_off[lid] = off
             self.blk_len[lid] = n
         return 0
+
+    cdef Py_ssize_t run(self, const unsigned char* b, Py_ssize_t n, double[::1] values, int64_t[::1] tss,
+                        int32_t[::1] nids, int32_t[::1] lids) except -1:
+        """The line loop: fills the columns, returns the number of samples."""
+        cdef Py_ssize_t pos = 0, eol, lend, p, line_start, k = 0
+        cdef const unsigned char* hit
+        cdef int lineno = 0
+        cdef int32_t nid, lid
+        cdef double v
+        cdef int64_t ts
+        cdef bint eof = False
+        builder = self.builder
+        while pos < n:
+            hit = <const unsigned char*>memchr(b + pos, 10, n - pos)
+            eol = (hit - b) if hit != NULL else n
+            lend = eol
+            if lend > pos and b[lend - 1] == 13:  # '\r'
+                lend -= 1
+            lineno += 1
+            line_start = pos
+            pos = eol + 1
+            if eof:
+                if builder.after_eof(PyBytes_FromStringAndSize(<const char*>b + line_start, lend - line_start), lineno):
+                    break
+                continue
+            p = line_start
+            while p < lend and is_ws(b[p]):
+                p += 1
+            if p == lend:
+                continue
+            if b[p] == 35:  # '#'
+                builder.comment(PyBytes_FromStringAndSize(<const char*>b + line_start, lend - line_start),
+                                p - line_start, lineno)
+                eof = builder.eof
+                continue
+            if not self.fast_sample(p, lend, &nid, &lid, &v, &ts):
+                s = builder.sample(PyBytes_FromStringAndSize(<const char*>b + line_start, lend - line_start),
+                                   p - line_start, lineno)
+                if s is None:
+                    continue
+                nid, lid, v, ts = s
+            nids[k] = nid
+            lids[k] = lid
+            values[k] = v
+            tss[k] = ts
+            k += 1
+        self.lineno = lineno
+        return k
 
     cdef int fast_sample(self, Py_ssize_t p, Py_ssize_t lend, int32_t* nid_out, int32_t* lid_out,
                          double* v_out, int64_t* ts_out) except -1:
@@ -457,12 +540,17 @@ cdef class _Parser:
         h = hash_bytes(b + bstart, bend - bstart)
         lid = self.cache.lookup(b, bstart, bend - bstart, h)
         if lid < 0:
-            pairs = parse_block_fast(b + bstart, bend - bstart)
-            if pairs is not None:
-                lid = self.builder.labelset_id(pairs)
+            block = PyBytes_FromStringAndSize(<const char*>b + bstart, bend - bstart)
+            entry = self.memo.get(block) if self.memo is not None else None
+            if entry is None:
+                entry = self.parse_block_fast(b + bstart, bend - bstart)
+                if entry is not None and self.memo is not None:
+                    self.memo[block] = entry
+            if entry is not None:
+                lid = self.register(entry)
             else:
                 try:
-                    lid = self.builder.block_id(PyBytes_FromStringAndSize(<const char*>b + bstart, bend - bstart))
+                    lid = self.builder.block_id(block)
                 except LineError:
                     return -1
             self.cache.insert(bstart, bend - bstart, h, lid)
@@ -471,18 +559,14 @@ cdef class _Parser:
         return lid
 
 
-def parse_raw(data, bint om, bint strict, int max_errors, source):
+def parse_raw(data, bint om, bint strict, int max_errors, source, dict memo=None):
     """Parse a whole body; the native implementation (same contract as _parser_py.parse_raw)."""
     cdef const unsigned char[::1] view = data
     cdef Py_ssize_t n = view.shape[0]
     cdef const unsigned char* b = &view[0] if n > 0 else NULL
-    cdef Py_ssize_t cap = 1, pos = 0, eol, lend, p, line_start, k = 0
+    cdef Py_ssize_t cap = 1, pos = 0, k = 0
     cdef const unsigned char* hit
-    cdef int lineno = 0
-    cdef int32_t nid, lid
-    cdef double v
-    cdef int64_t ts
-    cdef bint eof = False
+    cdef int lineno
 
     # One slot per line is enough: a line holds at most one sample.
     while pos < n:
@@ -500,47 +584,27 @@ def parse_raw(data, bint om, bint strict, int max_errors, source):
     cdef int32_t[::1] nids = nid_a
     cdef int32_t[::1] lids = lid_a
 
-    builder = Builder(om, strict, max_errors, source)
+    if memo is not None and len(memo) > MEMO_MAX:
+        memo.clear()
+    builder = Builder(om, strict, max_errors, source, memo)
     cdef _Parser ps = _Parser()
     ps.builder = builder
+    ps.memo = memo
+    ps.ls_by_key = builder._ls_by_key
+    ps.labelsets = builder.labelsets
     ps.base = b
     ps.om = om
 
-    pos = 0
-    while pos < n:
-        hit = <const unsigned char*>memchr(b + pos, 10, n - pos)
-        eol = (hit - b) if hit != NULL else n
-        lend = eol
-        if lend > pos and b[lend - 1] == 13:  # '\r'
-            lend -= 1
-        lineno += 1
-        line_start = pos
-        pos = eol + 1
-        if eof:
-            if builder.after_eof(PyBytes_FromStringAndSize(<const char*>b + line_start, lend - line_start), lineno):
-                break
-            continue
-        p = line_start
-        while p < lend and is_ws(b[p]):
-            p += 1
-        if p == lend:
-            continue
-        if b[p] == 35:  # '#'
-            builder.comment(PyBytes_FromStringAndSize(<const char*>b + line_start, lend - line_start),
-                            p - line_start, lineno)
-            eof = builder.eof
-            continue
-        if not ps.fast_sample(p, lend, &nid, &lid, &v, &ts):
-            s = builder.sample(PyBytes_FromStringAndSize(<const char*>b + line_start, lend - line_start),
-                               p - line_start, lineno)
-            if s is None:
-                continue
-            nid, lid, v, ts = s
-        nids[k] = nid
-        lids[k] = lid
-        values[k] = v
-        tss[k] = ts
-        k += 1
+    # A parse creates one tuple per new label set and frees none of them; the cyclic GC
+    # would walk them over and over while they can only be live, so it waits until the end.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        k = ps.run(b, n, values, tss, nids, lids)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    lineno = ps.lineno
     builder.finish(lineno)
     if k < cap // 2:
         # do not keep a mostly empty buffer alive (bodies with many comment lines)
@@ -549,3 +613,4 @@ def parse_raw(data, bint om, bint strict, int max_errors, source):
         values_a, ts_a, nid_a, lid_a = values_a[:k], ts_a[:k], nid_a[:k], lid_a[:k]
     return RawScrape(values_a, ts_a, nid_a, lid_a, builder.names, builder.labelsets, builder.families,
                      builder.errors, builder.n_errors, lineno)
+

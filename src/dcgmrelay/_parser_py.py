@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import re
 from array import array
-from typing import NamedTuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 from .errors import ParseError
 
-__all__ = ["TS_ABSENT", "Builder", "LineError", "RawScrape", "parse_raw", "parse_timestamp", "parse_value"]
+__all__ = ["MEMO_MAX", "TS_ABSENT", "Builder", "LineError", "MemoEntry", "RawScrape", "memo_entry", "parse_raw",
+           "parse_timestamp", "parse_value"]
 
 #: ``Scrape.timestamps`` holds this where a sample has no timestamp (INT64_MIN).
 TS_ABSENT = -(2**63)
@@ -184,6 +185,19 @@ def parse_label_block(block: bytes) -> list[tuple[str, str]]:
     return pairs
 
 
+#: A parsed label block: (pairs in body order, pairs sorted by name — the identity of the set).
+MemoEntry = Tuple[Tuple[Tuple[str, str], ...], Tuple[Tuple[str, str], ...]]
+
+#: A parser's memo of label blocks is cleared when it grows past this many entries, so a
+#: target that sends ever-new label sets cannot grow memory without bound.
+MEMO_MAX = 65536
+
+
+def memo_entry(pairs: list[tuple[str, str]]) -> MemoEntry:
+    ordered = tuple(pairs)
+    return ordered, tuple(sorted(ordered))
+
+
 class RawScrape(NamedTuple):
     """What a parser hands to :class:`dcgmrelay.Scrape`: columns plus dictionary tables."""
 
@@ -202,11 +216,15 @@ class RawScrape(NamedTuple):
 class Builder:
     """Dictionary tables, metadata and errors of one parse; shared by both parsers."""
 
-    __slots__ = ("om", "strict", "max_errors", "source", "names", "_name_ids", "labelsets", "_ls_by_key",
+    __slots__ = ("om", "strict", "max_errors", "source", "memo", "names", "_name_ids", "labelsets", "_ls_by_key",
                  "_ls_by_block", "families", "errors", "n_errors", "eof")
 
-    def __init__(self, om: bool, strict: bool, max_errors: int, source: str | None) -> None:
+    def __init__(self, om: bool, strict: bool, max_errors: int, source: str | None,
+                 memo: Optional[Dict[bytes, MemoEntry]] = None) -> None:
         self.om = om
+        # label block bytes -> parsed labels, kept across parses by a Parser: the same
+        # exporter sends the same blocks every scrape
+        self.memo = memo
         self.strict = strict
         self.max_errors = max_errors
         self.source = source
@@ -232,16 +250,20 @@ class Builder:
         """Label-set id of a label block's bytes; equal sets in any order or spacing share one id."""
         lid = self._ls_by_block.get(block)
         if lid is None:
-            lid = self._ls_by_block[block] = self.labelset_id(parse_label_block(block))
+            entry = self.memo.get(block) if self.memo is not None else None
+            if entry is None:
+                entry = memo_entry(parse_label_block(block))
+                if self.memo is not None:
+                    self.memo[block] = entry
+            lid = self._ls_by_block[block] = self.labelset_id(entry)
         return lid
 
-    def labelset_id(self, pairs: list[tuple[str, str]]) -> int:
-        """Label-set id of parsed pairs, registering a new set in first-seen order."""
-        key = tuple(sorted(pairs))
-        lid = self._ls_by_key.get(key)
+    def labelset_id(self, entry: MemoEntry) -> int:
+        """Label-set id of parsed labels (see :func:`memo_entry`), registering a new set in first-seen order."""
+        lid = self._ls_by_key.get(entry[1])
         if lid is None:
-            lid = self._ls_by_key[key] = len(self.labelsets)
-            self.labelsets.append(tuple(pairs))
+            lid = self._ls_by_key[entry[1]] = len(self.labelsets)
+            self.labelsets.append(entry[0])
         return lid
 
     # -- errors ---------------------------------------------------------------------------------
@@ -380,11 +402,17 @@ class Builder:
             self.error(n_lines, b"", 0, "missing '# EOF' at the end of an OpenMetrics exposition (truncated body?)")
 
 
-def parse_raw(data: bytes, om: bool, strict: bool, max_errors: int, source: str | None) -> RawScrape:
-    """Parse a whole body (see the module docstring); the pure-Python implementation."""
+def parse_raw(data: bytes, om: bool, strict: bool, max_errors: int, source: str | None,
+              memo: Optional[Dict[bytes, MemoEntry]] = None) -> RawScrape:
+    """Parse a whole body (see the module docstring); the pure-Python implementation.
+
+    ``memo`` (a dict owned by the caller, reused across calls) remembers parsed label blocks.
+    """
     if not isinstance(data, bytes):
         data = bytes(data)  # bytearray / memoryview: the twin works on immutable bytes
-    b = Builder(om, strict, max_errors, source)
+    if memo is not None and len(memo) > MEMO_MAX:
+        memo.clear()
+    b = Builder(om, strict, max_errors, source, memo)
     values = array("d")
     timestamps = array("q")
     name_ids = array("i")

@@ -30,6 +30,7 @@ __all__ = [
     "Entity",
     "Family",
     "GpuMatrix",
+    "Parser",
     "Scrape",
     "SampleError",
     "format_from_content_type",
@@ -350,6 +351,44 @@ def _raw_parser(implementation: str | None):  # type: ignore[no-untyped-def]
     raise ValueError(f"implementation must be 'c', 'py' or None, not {implementation!r}")
 
 
+class Parser:
+    """Parses bodies with fixed options; reuse one per target.
+
+    A parser remembers the label blocks it has parsed (bounded), so scraping the
+    same exporter again costs only the recognition of known blocks. Results are
+    the same as :func:`parse`'s.
+    """
+
+    def __init__(self, *, format: Format = "auto", strict: bool = False, max_errors: int = MAX_ERRORS,
+                 implementation: str | None = None) -> None:
+        if format not in ("prometheus", "openmetrics", "auto"):
+            raise ValueError(f"format must be 'prometheus', 'openmetrics' or 'auto', not {format!r}")
+        self.format = format
+        self.strict = strict
+        self.max_errors = max_errors
+        self._parse_raw = _raw_parser(implementation)
+        self._memo: dict[bytes, object] = {}
+
+    def parse(self, data: Buffer, *, source: str | None = None, content_type: str | None = None) -> Scrape:
+        """Parse one body. ``content_type`` (the HTTP header) picks the format when this parser's is auto."""
+        buf = _as_bytes(data)
+        fmt = self.format
+        if fmt == "auto" and content_type:
+            fmt = format_from_content_type(content_type)
+        if fmt == "auto":
+            fmt = _detect_format(memoryview(buf))
+        om = fmt == "openmetrics"
+        if self.strict and om:
+            from ._openmetrics_strict import validate
+
+            validate(bytes(buf), source=source)
+        raw = self._parse_raw(buf, om, self.strict, self.max_errors, source, self._memo)
+        return Scrape(raw, format=fmt, source=source)
+
+
+_shared: dict[tuple[str | None, str, bool, int], Parser] = {}
+
+
 def parse(data: Buffer, *, format: Format = "auto", strict: bool = False, source: str | None = None,
           max_errors: int = MAX_ERRORS, implementation: str | None = None) -> Scrape:
     """Parse a dcgm-exporter (or any Prometheus text / OpenMetrics 1.0) body into a :class:`Scrape`.
@@ -361,24 +400,14 @@ def parse(data: Buffer, *, format: Format = "auto", strict: bool = False, source
     or URL) is quoted in errors. ``implementation`` forces ``"c"`` or ``"py"`` (for comparisons;
     the default is the native parser unless ``DCGMRELAY_NO_EXTENSIONS`` is set).
     """
-    buf = _as_bytes(data)
-    view = memoryview(buf)
-    if format == "auto":
-        fmt = _detect_format(view)
-    elif format in ("prometheus", "openmetrics"):
-        fmt = format
-    else:
-        raise ValueError(f"format must be 'prometheus', 'openmetrics' or 'auto', not {format!r}")
-    om = fmt == "openmetrics"
-    if strict and om:
-        from ._openmetrics_strict import validate
-
-        validate(bytes(buf), source=source)
-    raw = _raw_parser(implementation)(buf, om, strict, max_errors, source)
-    return Scrape(raw, format=fmt, source=source)
+    key = (implementation, format, strict, max_errors)
+    parser = _shared.get(key)
+    if parser is None:
+        parser = _shared[key] = Parser(format=format, strict=strict, max_errors=max_errors,
+                                       implementation=implementation)
+    return parser.parse(data, source=source)
 
 
 def implementation() -> str:
     """``"c"`` when the native parser is in use, ``"py"`` for the pure-Python twin."""
     return IMPLEMENTATION
-
