@@ -220,7 +220,7 @@ class Builder:
                  "_ls_by_block", "families", "errors", "n_errors", "eof")
 
     def __init__(self, om: bool, strict: bool, max_errors: int, source: str | None,
-                 memo: Optional[Dict[bytes, MemoEntry]] = None) -> None:
+                 memo: Optional[Dict[bytes, tuple]] = None) -> None:
         self.om = om
         # label block bytes -> parsed labels, kept across parses by a Parser: the same
         # exporter sends the same blocks every scrape
@@ -280,12 +280,35 @@ class Builder:
     # -- lines ----------------------------------------------------------------------------------
     def comment(self, line: bytes, p: int, lineno: int) -> None:
         """A line starting with '#' at ``p``: HELP, TYPE, UNIT, EOF or a plain comment."""
-        try:
-            self._comment(line, p)
-        except LineError as e:
-            self.error(lineno, line, e.col, e.reason)
+        # Metadata lines repeat every scrape, so their parse is remembered like label blocks
+        # (a comment line cannot equal a label block: it starts with '#'). HELP escapes and
+        # '# EOF' depend on the format, hence the marker byte.
+        key = b"\x01" + line if self.om else line
+        rec = self.memo.get(key) if self.memo is not None else None
+        if rec is None:
+            try:
+                rec = self._parse_comment(line, p)
+            except LineError as e:
+                self.error(lineno, line, e.col, e.reason)
+                return
+            if self.memo is not None:
+                self.memo[key] = rec
+        if not rec:
+            return  # a plain comment
+        if rec[0] < 0:
+            self.eof = True
+            return
+        slot, name, value, kw = rec
+        fam = self.families.get(name)
+        if fam is None:
+            fam = self.families[name] = [None, None, None]
+        if fam[slot] is not None:
+            self.error(lineno, line, p, f"duplicate '# {kw}' line for {name}")
+            return
+        fam[slot] = value
 
-    def _comment(self, line: bytes, p: int) -> None:
+    def _parse_comment(self, line: bytes, p: int) -> tuple:  # type: ignore[type-arg]
+        """() for a plain comment, (-1,) for '# EOF', else (slot, family name, value, keyword)."""
         n = len(line)
         i = _skip_ws(line, p + 1, n)
         j = i
@@ -293,10 +316,9 @@ class Builder:
             j += 1
         kw = line[i:j]
         if kw == b"EOF" and self.om and _skip_ws(line, j, n) == n:
-            self.eof = True
-            return
+            return (-1,)
         if kw not in (b"HELP", b"TYPE", b"UNIT"):
-            return  # a plain comment
+            return ()
         k = _skip_ws(line, j, n)
         if k >= n or line[k] not in NAME_START:
             raise LineError(k, f"expected a metric name after '# {kw.decode()}'")
@@ -326,12 +348,7 @@ class Builder:
                 value = text.decode("utf-8")
             except UnicodeDecodeError:
                 raise LineError(t, "invalid UTF-8 in UNIT") from None
-        fam = self.families.get(name)
-        if fam is None:
-            fam = self.families[name] = [None, None, None]
-        if fam[slot] is not None:
-            raise LineError(p, f"duplicate '# {kw.decode()}' line for {name}")
-        fam[slot] = value
+        return slot, name, value, kw.decode()
 
     def sample(self, line: bytes, p: int, lineno: int) -> tuple[int, int, float, int] | None:
         """Parse a sample line starting at ``p``; None (and an error recorded) if it is rejected."""
@@ -403,7 +420,7 @@ class Builder:
 
 
 def parse_raw(data: bytes, om: bool, strict: bool, max_errors: int, source: str | None,
-              memo: Optional[Dict[bytes, MemoEntry]] = None) -> RawScrape:
+              memo: Optional[Dict[bytes, tuple]] = None) -> RawScrape:
     """Parse a whole body (see the module docstring); the pure-Python implementation.
 
     ``memo`` (a dict owned by the caller, reused across calls) remembers parsed label blocks.
