@@ -1,0 +1,31 @@
+"""The README's examples stay true: its pycon blocks run as doctests from the repository root."""
+
+from __future__ import annotations
+
+import doctest
+import os
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_readme_pycon_blocks(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```pycon\n(.*?)```", text, re.S)
+    assert blocks
+    parser = doctest.DocTestParser()
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    for i, block in enumerate(blocks):
+        test = parser.get_doctest(block, {}, f"README.md[pycon {i}]", "README.md", 0)
+        runner.run(test)
+    assert runner.failures == 0, f"{runner.failures} README example(s) failed (see output above)"
+
+
+def test_readme_starts_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    first_block = re.search(r"```sh\n(.*?)```", text, re.S).group(1).strip().splitlines()
+    assert first_block[0].startswith("pip install . && dcgmrelay ")
+    assert first_block[1].startswith("pip install -e '.[test]' && pytest")
+    assert os.path.exists(ROOT / ".ci" / "run")
