@@ -943,3 +943,60 @@ class SimulatedNode:
             return [f"{name}{{{self._join(s.fixed, sorted((*s.labels, window)), s.attrs)}}} 0\n"]
         return [f"{name}{{{self._join(s.fixed, sorted((*s.labels, window, (key, ev))), s.attrs)}}} "
                 f"{self._format('int64', n)}\n" for ev, n in sorted(counts.items(), key=lambda kv: (len(kv[0]), kv[0]))]
+
+
+class ExporterServer:
+    """A :class:`SimulatedNode` served like dcgm-exporter: ``GET /metrics`` on 127.0.0.1.
+
+    Values evolve with wall-clock time since :meth:`start` (times ``speed``). Like
+    dcgm-exporter it answers ``text/plain`` and, unlike it, gzip when the client asks
+    (dcgm-exporter sits behind proxies that do). ``async with ExporterServer(node) as s: s.url``.
+    """
+
+    def __init__(self, node: SimulatedNode, host: str = "127.0.0.1", port: int = 0, *, speed: float = 1.0,
+                 t0: float = 0.0) -> None:
+        from ._http import HttpServer
+
+        self.node = node
+        self.speed = speed
+        self.t0 = t0
+        self.scrapes = 0
+        self._started = 0.0
+        self._server = HttpServer(self._handle, host, port)
+
+    @property
+    def url(self) -> str:
+        """The metrics URL."""
+        return f"{self._server.url}/metrics"
+
+    async def start(self) -> "ExporterServer":
+        import time
+
+        self._started = time.monotonic()
+        await self._server.start()
+        return self
+
+    async def stop(self) -> None:
+        await self._server.stop()
+
+    async def __aenter__(self) -> "ExporterServer":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _handle(self, method, path, query, headers, body):  # type: ignore[no-untyped-def]
+        import gzip
+        import time
+
+        if path == "/health":
+            return 200, {"Content-Type": "text/plain"}, b"OK\n"
+        if path != "/metrics":
+            return 404, {"Content-Type": "text/plain"}, b"404 page not found\n"
+        self.scrapes += 1
+        data = self.node.render(self.t0 + (time.monotonic() - self._started) * self.speed)
+        out = {"Content-Type": "text/plain; charset=utf-8", "X-Content-Type-Options": "nosniff"}
+        if "gzip" in headers.get("accept-encoding", ""):
+            data = gzip.compress(data, compresslevel=1)
+            out["Content-Encoding"] = "gzip"
+        return 200, out, data

@@ -1,0 +1,213 @@
+"""Scrape targets on their intervals (asyncio + httpx), one independent task per target.
+
+Each target gets its own loop, its own :class:`~dcgmrelay.Parser` (which remembers
+the exporter's label blocks between scrapes) and a deterministic phase within
+its interval (from a hash of its key, as Prometheus spreads scrapes), so a
+slow, hung, huge or garbage target only ever delays itself:
+
+* the whole request (connect, headers, body) is bounded by the target's timeout;
+* the body is read in chunks and abandoned past ``body_limit_bytes`` (counted
+  after gzip decoding, so a compressed bomb is cut too);
+* the parse is lenient: bad lines are reported in the result, the rest is kept.
+
+A loop that overruns its interval skips the missed ticks instead of piling up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Dict, Optional, Sequence
+
+import httpx
+
+from ._version import __version__
+from .scrape import Parser, Scrape
+from .targets import Target
+
+__all__ = ["ACCEPT", "ScrapeResult", "Scraper", "phase_offset"]
+
+logger = logging.getLogger("dcgmrelay.scraper")
+
+#: What we ask exporters for: OpenMetrics first, then the text format (both parsed natively).
+ACCEPT = ("application/openmetrics-text;version=1.0.0;q=0.75,"
+          "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+USER_AGENT = f"dcgmrelay/{__version__}"
+
+
+@dataclass
+class ScrapeResult:
+    """One scrape of one target: the parsed body, or why there is none."""
+
+    target: Target
+    #: When the scrape started (ms since the epoch): the timestamp of its samples.
+    timestamp_ms: int
+    duration_s: float
+    scrape: Optional[Scrape]
+    #: None when the scrape succeeded; else a one-line reason (timeout, HTTP status, limit ...).
+    error: Optional[str] = None
+    status_code: Optional[int] = None
+    body_bytes: int = 0
+
+    @property
+    def up(self) -> bool:
+        return self.scrape is not None
+
+
+def phase_offset(key: str, interval_s: float) -> float:
+    """Deterministic offset of a target within its interval (the same in every process)."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return (h / 2**64) * interval_s
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+ClientFactory = Callable[[Target], httpx.AsyncClient]
+
+
+class Scraper:
+    """Runs one scrape loop per target and hands every result to ``on_result``."""
+
+    def __init__(
+        self,
+        on_result: Callable[[ScrapeResult], Awaitable[None]],
+        *,
+        client_factory: Optional[ClientFactory] = None,
+        body_limit_bytes: int = 64 * 1024 * 1024,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._on_result = on_result
+        self._client_factory = client_factory
+        self.body_limit_bytes = body_limit_bytes
+        self._clock = clock
+        self._tasks: Dict[str, asyncio.Task] = {}
+        self._targets: Dict[str, Target] = {}
+        self._clients: Dict[str, httpx.AsyncClient] = {}
+        self._shared: Optional[httpx.AsyncClient] = None
+
+    @property
+    def targets(self) -> list[Target]:
+        return list(self._targets.values())
+
+    def _client(self, target: Target) -> httpx.AsyncClient:
+        if self._client_factory is not None and (target.auth or target.tls):
+            client = self._clients.get(target.key)
+            if client is None:
+                client = self._clients[target.key] = self._client_factory(target)
+            return client
+        if self._shared is None:
+            # One pooled client for every plain target: connections are reused across scrapes.
+            self._shared = httpx.AsyncClient(http2=False, trust_env=False,
+                                             limits=httpx.Limits(max_keepalive_connections=1000))
+        return self._shared
+
+    def update(self, targets: Sequence[Target]) -> tuple[int, int]:
+        """Make the running loops match ``targets``: start new ones, stop removed or changed ones.
+        Returns (started, stopped)."""
+        wanted = {t.key: t for t in targets}
+        stopped = 0
+        for key in list(self._tasks):
+            if key not in wanted or wanted[key] != self._targets[key] \
+                    or wanted[key].interval_s != self._targets[key].interval_s:
+                self._tasks.pop(key).cancel()
+                self._targets.pop(key)
+                client = self._clients.pop(key, None)
+                if client is not None:
+                    asyncio.ensure_future(client.aclose())
+                stopped += 1
+        started = 0
+        for key, t in wanted.items():
+            if key not in self._tasks:
+                self._targets[key] = t
+                self._tasks[key] = asyncio.create_task(self._loop(t), name=f"scrape {key}")
+                started += 1
+        return started, stopped
+
+    async def aclose(self) -> None:
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        self._targets.clear()
+        for c in list(self._clients.values()) + ([self._shared] if self._shared else []):
+            await c.aclose()
+        self._clients.clear()
+        self._shared = None
+
+    async def _loop(self, target: Target) -> None:
+        parser = Parser()
+        interval = max(0.001, target.interval_s)
+        offset = phase_offset(target.key, interval)
+        now = self._clock()
+        next_at = now - (now % interval) + offset
+        if next_at < now:
+            next_at += interval
+        while True:
+            await asyncio.sleep(max(0.0, next_at - self._clock()))
+            result = await self.scrape_once(target, parser)
+            try:
+                await self._on_result(result)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the consumer's bug must not stop scraping
+                logger.exception("handling the scrape of %s failed", target.key)
+            next_at += interval
+            now = self._clock()
+            if next_at < now:  # overran: skip the missed ticks, keep the phase
+                missed = int((now - next_at) // interval) + 1
+                next_at += missed * interval
+
+    async def scrape_once(self, target: Target, parser: Optional[Parser] = None) -> ScrapeResult:
+        """Scrape ``target`` once now (also used by tests and ``inspect``)."""
+        parser = parser or Parser()
+        started = self._clock()
+        ts_ms = int(started * 1000)
+        t0 = time.perf_counter()
+        status = None
+        size = 0
+        try:
+            body, status, ctype = await asyncio.wait_for(self._fetch(target), timeout=target.timeout_s)
+            size = len(body)
+            if status != 200:
+                raise _Failed(f"HTTP {status}: {body[:120].decode('utf-8', 'replace').strip()}")
+            scrape = parser.parse(body, source=target.key, content_type=ctype)
+            return ScrapeResult(target, ts_ms, time.perf_counter() - t0, scrape, None, status, size)
+        except asyncio.TimeoutError:
+            err = f"scrape timed out after {target.timeout_s:g}s"
+        except _BodyTooLarge:
+            err = f"body exceeds the limit of {self.body_limit_bytes} bytes"
+        except _Failed as e:
+            err = str(e)
+        except httpx.HTTPError as e:
+            err = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return ScrapeResult(target, ts_ms, time.perf_counter() - t0, None, err, status, size)
+
+    async def _fetch(self, target: Target) -> tuple[bytes, int, Optional[str]]:
+        client = self._client(target)
+        headers = {"Accept": ACCEPT, "User-Agent": USER_AGENT,
+                   "X-Prometheus-Scrape-Timeout-Seconds": f"{target.timeout_s:g}"}
+        params = {k: list(v) for k, v in target.params.items()} if target.params else None
+        async with client.stream("GET", target.url, headers=headers, params=params,
+                                 timeout=target.timeout_s) as resp:
+            chunks = []
+            total = 0
+            async for chunk in resp.aiter_bytes():
+                total += len(chunk)
+                if total > self.body_limit_bytes:
+                    raise _BodyTooLarge()
+                chunks.append(chunk)
+            return b"".join(chunks), resp.status_code, resp.headers.get("content-type")
+
+
+class _Failed(Exception):
+    pass
+
