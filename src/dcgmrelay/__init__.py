@@ -8,7 +8,10 @@
 
 from . import fields
 from ._version import __version__
+from .csvspec import MetricSpec, load_csv
 from .errors import CsvSpecError, DcgmRelayError, ParseError, UnknownFieldError
+from .kinds import Kind
+from .relay import Relay, RelayBatch, RelayStats
 from .scrape import (
     TS_ABSENT,
     Entity,
@@ -29,8 +32,13 @@ __all__ = [
     "Entity",
     "Family",
     "GpuMatrix",
+    "Kind",
+    "MetricSpec",
     "ParseError",
     "Parser",
+    "Relay",
+    "RelayBatch",
+    "RelayStats",
     "SampleError",
     "Scrape",
     "UnknownFieldError",
@@ -38,5 +46,6 @@ __all__ = [
     "fields",
     "format_from_content_type",
     "implementation",
+    "load_csv",
     "parse",
 ]
