@@ -17,9 +17,11 @@ def test_readme_pycon_blocks(monkeypatch):
     assert blocks
     parser = doctest.DocTestParser()
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    globs: dict = {}  # later blocks continue the session of earlier ones, as a reader would
     for i, block in enumerate(blocks):
-        test = parser.get_doctest(block, {}, f"README.md[pycon {i}]", "README.md", 0)
-        runner.run(test)
+        test = parser.get_doctest(block, globs, f"README.md[pycon {i}]", "README.md", 0)
+        runner.run(test, clear_globs=False)
+        globs = test.globs
     assert runner.failures == 0, f"{runner.failures} README example(s) failed (see output above)"
 
 
