@@ -649,6 +649,38 @@ class Relay:
             self._load()
 
     # -- configuration ----------------------------------------------------------------------
+    def reconfigure(
+        self,
+        *,
+        spec: Union[MetricSpec, str, "os.PathLike[str]", None] = None,
+        include_non_dcgm: Optional[bool] = None,
+        first_observation: Optional[FirstObservation] = None,
+        output: Optional[OutputMode] = None,
+        evict_after_ms: Optional[int] = None,
+        kind_overrides: Optional[Mapping[Union[str, int], KindLike]] = None,
+    ) -> None:
+        """Change options in place (a config reload): the per-series delta state is kept, so
+        counters continue without a gap; only the per-name classification is recomputed."""
+        if spec is not None:
+            self.spec = spec if isinstance(spec, MetricSpec) else load_csv(spec)
+        if include_non_dcgm is not None:
+            self.include_non_dcgm = bool(include_non_dcgm)
+        if first_observation is not None:
+            if first_observation not in ("drop", "zero", "full"):
+                raise ValueError(f"first_observation must be 'drop', 'zero' or 'full', not {first_observation!r}")
+            self.first_observation = first_observation
+        if output is not None:
+            if output not in ("cumulative", "delta", "both"):
+                raise ValueError(f"output must be 'cumulative', 'delta' or 'both', not {output!r}")
+            self.output = output
+        if evict_after_ms is not None:
+            if evict_after_ms <= 0:
+                raise ValueError("evict_after_ms must be > 0")
+            self.evict_after_ms = int(evict_after_ms)
+        if kind_overrides is not None:
+            self._field_overrides, self._name_overrides = self._resolve_overrides(kind_overrides)
+        self._name_class.clear()
+
     def _resolve_overrides(self, overrides: Mapping[Union[str, int], KindLike]) -> Tuple[Dict[int, int], Dict[str, int]]:
         by_field: Dict[int, int] = {}
         by_name: Dict[str, int] = {}

@@ -16,7 +16,7 @@ one series per pod, all with the same entity.
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Iterable, Iterator, Literal, NamedTuple, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from . import fields as _fields
 from ._impl import IMPLEMENTATION, parse_raw
 from ._parser_py import TS_ABSENT, RawScrape
 from .errors import UnknownFieldError
+
+if TYPE_CHECKING:
+    from .relabel import RelabelRules
 
 __all__ = [
     "TS_ABSENT",
@@ -294,6 +297,77 @@ class Scrape:
         if not len(hits):
             raise KeyError(f"no {_fields.by_id(fid).exporter_name if fid >= 0 else field} sample for {uuid}")
         return float(self.values[hits[0]])
+
+    # -- transforms (the relay process applies these per scrape) --------------------------------
+    def _replace(self, *, keep: np.ndarray | None = None, name_ids: np.ndarray | None = None,
+                 labelset_ids: np.ndarray | None = None, names: Sequence[str] | None = None,
+                 labelsets: Sequence[tuple[tuple[str, str], ...]] | None = None) -> "Scrape":
+        cols = [self.values, self.timestamps,
+                self.name_ids if name_ids is None else name_ids,
+                self.labelset_ids if labelset_ids is None else labelset_ids]
+        if keep is not None:
+            cols = [c[keep] for c in cols]
+        raw = RawScrape(cols[0], cols[1], cols[2], cols[3], list(self.names if names is None else names),
+                        list(self.labelsets if labelsets is None else labelsets), self._families_raw,
+                        [tuple(e) for e in self.errors], self.n_errors, 0)
+        return Scrape(raw, format=self.format, source=self.source)
+
+    def with_labels(self, extra: Mapping[str, str], *, honor_labels: bool = True) -> "Scrape":
+        """The scrape with ``extra`` labels (a target's ``job``, ``instance``, ``pod`` ...) added to
+        every label set; per label set, not per sample. With ``honor_labels`` (the default) a
+        label the exporter sent wins; otherwise the exporter's is renamed ``exported_<name>``, as
+        Prometheus does."""
+        if not extra:
+            return self
+        extra_items = tuple(extra.items())
+        out = []
+        for pairs in self.labelsets:
+            have = dict(pairs)
+            if honor_labels:
+                out.append(pairs + tuple((k, v) for k, v in extra_items if k not in have))
+            else:
+                renamed = tuple((f"exported_{k}" if k in extra else k, v) for k, v in pairs)
+                out.append(renamed + extra_items)
+        return self._replace(labelsets=out)
+
+    def relabeled(self, rules: "RelabelRules") -> "Scrape":
+        """The scrape after Prometheus metric relabeling (``metricRelabelConfigs``).
+
+        Rules see ``__name__``, so they run once per distinct series (memoised in ``rules``
+        across scrapes), and the columns are remapped with numpy. Dropped series leave the
+        scrape; the caller counts them (``len(before) - len(after)``)."""
+        if not len(self):
+            return self
+        key = self.name_ids.astype(np.int64) << 32 | self.labelset_ids.astype(np.int64)
+        uniq, inverse = np.unique(key, return_inverse=True)
+        names: list[str] = []
+        name_index: dict[str, int] = {}
+        labelsets: list[tuple[tuple[str, str], ...]] = []
+        ls_index: dict[tuple[tuple[str, str], ...], int] = {}
+        new_name = np.empty(len(uniq), dtype=np.int32)
+        new_ls = np.empty(len(uniq), dtype=np.int32)
+        kept = np.ones(len(uniq), dtype=bool)
+        for i, k in enumerate(uniq.tolist()):
+            name = self.names[k >> 32]
+            items = (("__name__", name),) + self.labelsets[k & 0xFFFFFFFF]
+            out = rules.apply_items(items, drop_meta=False)
+            if out is None:
+                kept[i] = False
+                continue
+            d = dict(out)
+            nname = d.pop("__name__", name)
+            pairs = tuple(d.items())
+            new_name[i] = name_index.setdefault(nname, len(names))
+            if new_name[i] == len(names):
+                names.append(nname)
+            lid = ls_index.get(pairs)
+            if lid is None:
+                lid = ls_index[pairs] = len(labelsets)
+                labelsets.append(pairs)
+            new_ls[i] = lid
+        keep = kept[inverse]
+        return self._replace(keep=keep, name_ids=new_name[inverse], labelset_ids=new_ls[inverse],
+                             names=names, labelsets=labelsets)
 
     def series_count(self) -> int:
         """Number of distinct (name, label set) series."""
