@@ -23,6 +23,11 @@ else:
             ["src/dcgmrelay/_parser.pyx"],
             extra_compile_args=["-O3"],
         ),
+        Extension(
+            "dcgmrelay._encode",
+            ["src/dcgmrelay/_encode.pyx"],
+            extra_compile_args=["-O3"],
+        ),
     ]
     setup(
         ext_modules=cythonize(
