@@ -133,6 +133,7 @@ from typing import (
 )
 from urllib.parse import parse_qsl, urlsplit
 
+from ._secret import Secret, reveal
 from .errors import DcgmRelayError
 from .relabel import RelabelError, compile_rules
 from .targets import Target
@@ -184,56 +185,7 @@ FLAG_TARGET_JOB = "dcgm-exporter"
 # ------------------------------------------------------------------------------------ secrets
 
 
-class Secret:
-    """A string that must not be shown: ``repr``/``str``/``format`` give ``"<secret>"``; :meth:`reveal` gives it."""
-
-    __slots__ = ("_value",)
-    _value: str
-
-    def __init__(self, value: Union[str, "Secret"]) -> None:
-        if isinstance(value, Secret):
-            value = value.reveal()
-        if not isinstance(value, str):
-            raise TypeError(f"a Secret wraps a str, not {type(value).__name__}")
-        object.__setattr__(self, "_value", value)
-
-    def reveal(self) -> str:
-        """The secret value itself. Only pass it to where it is used (an HTTP header, a TLS handshake)."""
-        return self._value
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("Secret is immutable")
-
-    def __repr__(self) -> str:
-        return "<secret>"
-
-    __str__ = __repr__
-
-    def __format__(self, spec: str) -> str:
-        return format("<secret>", spec)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Secret):
-            return NotImplemented
-        return hmac.compare_digest(self._value.encode(), other._value.encode())
-
-    def __hash__(self) -> int:
-        return hash(("dcgmrelay.Secret", self._value))
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (Secret, (self._value,))
-
-
-def reveal(value: Any) -> Any:
-    """``value.reveal()`` for a :class:`Secret` (also inside tuples, e.g. ``auth["basic"]``), else ``value``."""
-    if isinstance(value, Secret):
-        return value.reveal()
-    if isinstance(value, tuple):
-        return tuple(reveal(v) for v in value)
-    return value
+# Secret and reveal() live in _secret (shared with the transport); re-exported here.
 
 
 # ------------------------------------------------------------------------------------ errors
