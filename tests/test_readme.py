@@ -28,6 +28,6 @@ def test_readme_pycon_blocks(monkeypatch):
 def test_readme_starts_with_the_two_commands():
     text = (ROOT / "README.md").read_text()
     first_block = re.search(r"```sh\n(.*?)```", text, re.S).group(1).strip().splitlines()
-    assert first_block[0].startswith("pip install . && dcgmrelay ")
+    assert first_block[0].startswith("pip install . && dcgmrelay demo")
     assert first_block[1].startswith("pip install -e '.[test]' && pytest")
     assert os.path.exists(ROOT / ".ci" / "run")

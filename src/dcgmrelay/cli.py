@@ -1,6 +1,9 @@
 """The ``dcgmrelay`` command line.
 
     dcgmrelay inspect FILE|URL|-  [--json] [--csv CSV|PROFILE] [--fields F,...] [--strict] [--format F]
+    dcgmrelay run --config relay.yaml | --target URL --remote-write URL --interval 15s ...
+    dcgmrelay check-config FILE
+    dcgmrelay demo [--gpus N] [--interval S] [--duration S]
 
 Every subcommand is a function taking the parsed arguments and returning an exit
 code; :func:`main` is importable and takes ``argv`` so tests drive it in-process.
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -170,6 +174,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from . import config as _config
+    from .app import RelayApp, configure_logging
+
+    env = dict(os.environ)
+    cfg = _config.config_from_args(args, env)
+    configure_logging(cfg.logging.level, cfg.logging.format)
+    for w in _config.config_warnings(cfg) + (_config.secret_file_warnings(cfg.source, cfg) if cfg.source else []):
+        logging.getLogger("dcgmrelay").warning("%s", w)
+    app = RelayApp(cfg, loader=lambda: _config.config_from_args(args, env),
+                   shutdown_timeout_s=args.shutdown_timeout)
+    return asyncio.run(app.run())
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from . import config as _config
+
+    cfg = _config.load_config(args.file)
+    for w in _config.config_warnings(cfg) + _config.secret_file_warnings(args.file, cfg):
+        print(f"warning: {w}", file=sys.stderr)
+    sys.stdout.write(_config.effective_config_text(cfg))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(gpus=args.gpus, interval_s=args.interval, duration_s=args.duration, plain=args.plain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcgmrelay", description="Relay NVIDIA dcgm-exporter metrics.")
     p.add_argument("--version", action="version", version=f"dcgmrelay {__version__}")
@@ -184,6 +221,28 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--strict", action="store_true", help="fail on the first bad line")
     pi.add_argument("--timeout", type=float, default=10.0, help="seconds, for a URL")
     pi.set_defaults(func=cmd_inspect)
+
+    from . import config as _config
+
+    pr = sub.add_parser("run", help="scrape targets and relay to collectors (config file and/or flags)",
+                        description="Flags override DCGMRELAY_* environment variables, which override the file.")
+    _config.add_run_arguments(pr)
+    pr.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
+                    help="seconds to flush outputs on SIGTERM before spooling the rest (default 10)")
+    pr.set_defaults(func=cmd_run)
+
+    pc = sub.add_parser("check-config", help="validate a config file (or a WhatapAgent resource) and print "
+                                             "the effective config, secrets redacted")
+    pc.add_argument("file")
+    pc.set_defaults(func=cmd_check_config)
+
+    pd = sub.add_parser("demo", help="a simulated 8-GPU exporter, the relay and the embedded collector, "
+                                     "with a live per-GPU table (no GPU or cluster needed)")
+    pd.add_argument("--gpus", type=int, default=8)
+    pd.add_argument("--interval", type=float, default=2.0, help="scrape interval in seconds (default 2)")
+    pd.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    pd.add_argument("--plain", action="store_true", help="print tables one after another instead of redrawing")
+    pd.set_defaults(func=cmd_demo)
     return p
 
 

@@ -1,0 +1,173 @@
+"""Whole-process cost: dcgmrelay vs vmagent, side by side, on the same payloads.
+
+    python benchmarks/process_bench.py [--seconds 30] [--payloads gpu8.prom,gpu1024.prom]
+
+For each payload: serve it on 127.0.0.1 (a separate process, not measured), start
+a real VictoriaMetrics as the receiver, then run each relay in turn scraping the
+payload every 1 s and shipping by remote write 1.0. After a warm-up, CPU seconds
+(user + system, from /proc/<pid>/stat) over the measured window are divided by
+the samples scraped in it; peak RSS is VmHWM from /proc/<pid>/status. The table
+gives the ratio dcgmrelay / vmagent (lower is better). vmagent comes with
+Debian's victoria-metrics package (.ci/install-servers.sh installs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from servers import VictoriaMetricsServer  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(name: str) -> bytes:
+    for p in (HERE / "payloads" / name, HERE / "payloads" / f"{name}.gz"):
+        if p.exists():
+            data = p.read_bytes()
+            return gzip.decompress(data) if p.suffix == ".gz" else data
+    raise SystemExit(f"no payload {name}")
+
+
+def serve(body: bytes, port: int) -> subprocess.Popen:
+    """A static exporter in its own process, counting requests per User-Agent."""
+    tmp = tempfile.NamedTemporaryFile(delete=False, suffix=".prom")
+    tmp.write(body)
+    tmp.close()
+    code = textwrap.dedent(f"""
+        import http.server, sys
+        body = open({tmp.name!r}, 'rb').read()
+        counts = {{}}
+        class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+            def do_GET(self):
+                if self.path == '/counts':
+                    out = repr(counts).encode()
+                else:
+                    ua = self.headers.get('User-Agent', '').split('/')[0]
+                    counts[ua] = counts.get(ua, 0) + 1
+                    out = body
+                self.send_response(200)
+                self.send_header('Content-Type', 'text/plain; version=0.0.4; charset=utf-8')
+                self.send_header('Content-Length', str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+            def log_message(self, *a):
+                pass
+        http.server.ThreadingHTTPServer(('127.0.0.1', {port}), H).serve_forever()
+    """)
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def counts(port: int) -> dict:
+    import httpx
+
+    return eval(httpx.get(f"http://127.0.0.1:{port}/counts").text)  # noqa: S307 - our own server's repr
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(cmd: list[str], agent: str, port: int, samples_per_scrape: int, warmup: float, seconds: float) -> dict:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(warmup)
+        c0, n0 = cpu_seconds(proc.pid), counts(port).get(agent, 0)
+        time.sleep(seconds)
+        c1, n1 = cpu_seconds(proc.pid), counts(port).get(agent, 0)
+        rss = peak_rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    scrapes = n1 - n0
+    cpu = c1 - c0
+    return {"scrapes": scrapes, "cpu_s": cpu, "us_per_sample": cpu / max(1, scrapes * samples_per_scrape) * 1e6,
+            "rss_mib": rss}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=30.0, help="measured window per run (default 30)")
+    ap.add_argument("--warmup", type=float, default=5.0)
+    ap.add_argument("--payloads", default="gpu8.prom,gpu1024.prom")
+    args = ap.parse_args()
+    vmagent = shutil.which("vmagent")
+    if vmagent is None:
+        raise SystemExit("vmagent not found: run .ci/install-servers.sh")
+    import dcgmrelay
+
+    rows = []
+    with VictoriaMetricsServer() as vm:
+        for name in args.payloads.split(","):
+            body = load(name)
+            n = len(dcgmrelay.parse(body))
+            port = free_port()
+            exporter = serve(body, port)
+            time.sleep(0.5)
+            url = f"http://127.0.0.1:{port}/metrics"
+            tmp = Path(tempfile.mkdtemp())
+            try:
+                ours = measure([sys.executable, "-m", "dcgmrelay", "run", "--target", url, "--remote-write",
+                                vm.remote_write_url, "--interval", "1s", "--timeout", "1s",
+                                "--include-non-dcgm", "--listen", f"127.0.0.1:{free_port()}",
+                                "--log-level", "warning"],
+                               "dcgmrelay", port, n, args.warmup, args.seconds)
+                (tmp / "scrape.yml").write_text(textwrap.dedent(f"""
+                    scrape_configs:
+                      - job_name: dcgm
+                        scrape_interval: 1s
+                        scrape_timeout: 1s
+                        static_configs: [{{targets: ["127.0.0.1:{port}"]}}]
+                """))
+                theirs = measure([vmagent, f"-promscrape.config={tmp / 'scrape.yml'}",
+                                  f"-remoteWrite.url={vm.remote_write_url}", f"-remoteWrite.tmpDataPath={tmp / 'q'}",
+                                  f"-httpListenAddr=127.0.0.1:{free_port()}", "-loggerLevel=ERROR"],
+                                 "vm_promscrape", port, n, args.warmup, args.seconds)
+            finally:
+                exporter.terminate()
+                shutil.rmtree(tmp, ignore_errors=True)
+            rows.append((name, n, ours, theirs))
+    print(f"\nwhole process, 1 s scrape interval, remote write 1.0 into VictoriaMetrics, {args.seconds:.0f} s window")
+    print(f"{'payload':<16} {'samples':>8} {'agent':<10} {'scrapes':>7} {'CPU s':>7} {'µs/sample':>10} "
+          f"{'peak RSS MiB':>13} {'CPU ratio':>10} {'RSS ratio':>10}")
+    for name, n, ours, theirs in rows:
+        for agent, r in (("dcgmrelay", ours), ("vmagent", theirs)):
+            ratio = (f"{ours['us_per_sample'] / theirs['us_per_sample']:.2f}x" if agent == "dcgmrelay" else "")
+            rss = f"{ours['rss_mib'] / theirs['rss_mib']:.2f}x" if agent == "dcgmrelay" else ""
+            print(f"{name:<16} {n:>8} {agent:<10} {r['scrapes']:>7} {r['cpu_s']:>7.2f} {r['us_per_sample']:>10.2f} "
+                  f"{r['rss_mib']:>13.1f} {ratio:>10} {rss:>10}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""The dcgmrelay process: target sources → scraper → relay → outputs (→ spool), with self-telemetry.
+
+    cfg = load_config("relay.yaml")           # or config_from_args(...)
+    asyncio.run(RelayApp(cfg).run())
+
+Per scrape result (one coroutine, on the event loop):
+
+1. the target's labels (``job``, ``instance``, discovery labels) are added per label set,
+   exporter labels winning (honor_labels), then its metric relabeling (per distinct series);
+2. :meth:`Relay.ingest` applies the CSV, kinds and deltas (a failed scrape instead ends the
+   target's series with stale markers, once);
+3. Prometheus-style health series (``up``, ``scrape_duration_seconds``,
+   ``scrape_samples_scraped``, ``scrape_samples_post_metric_relabeling``) go through a
+   second relay so they get stale markers too;
+4. every output gets both batches; each output batches, retries and spools on its own.
+
+Signals: SIGTERM/SIGINT stop scraping, flush every output within ``shutdown_timeout_s``
+(what cannot be delivered goes to the spool), save the delta state and exit. SIGHUP
+reloads the config file: targets, relabeling, CSV and relay options change in place,
+the delta state is kept, and outputs whose settings changed are flushed and rebuilt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from . import config as _config
+from ._http import HttpServer
+from ._version import __version__
+from .csvspec import MetricSpec, load_csv
+from .encode import Encoder
+from .relabel import RelabelRules, compile_rules
+from .relay import Relay, RelayBatch
+from .scrape import parse
+from .scraper import Scraper, ScrapeResult
+from .selfmetrics import SelfMetrics, output_families, relay_families, spool_families
+from .spool import Spool
+from .targets import StaticTargets, Target, TargetSource, shard_targets
+from .transport import Output, RetryPolicy, build_client_kwargs, spool_hook_for
+
+__all__ = ["RelayApp", "configure_logging", "output_format"]
+
+logger = logging.getLogger("dcgmrelay")
+
+
+# -- logging -------------------------------------------------------------------------------------
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(level: str = "info", fmt: str = "plain", stream: Any = None) -> None:
+    """Structured logs on stderr: ``plain`` (one line, key facts first) or ``json`` (one object per line)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("dcgmrelay")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+# -- outputs -------------------------------------------------------------------------------------
+def output_format(oc: "_config.OutputConfig") -> Tuple[str, Optional[str]]:
+    """(wire format, fallback format) of an output."""
+    if oc.type == "remote-write":
+        return ("remote-write-2", "remote-write-1") if oc.version == 2 else ("remote-write-1", None)
+    if oc.type == "openmetrics":
+        return "prometheus", None  # text import (VictoriaMetrics /api/v1/import/prometheus, Pushgateway)
+    return oc.type, None
+
+
+def _output_auth(oc: "_config.OutputConfig") -> Dict[str, Any]:
+    if oc.bearer_token is not None:
+        return {"bearer_token": oc.bearer_token}
+    if oc.bearer_token_file:
+        return {"bearer_token_file": oc.bearer_token_file}
+    if oc.basic_auth is not None:
+        b = oc.basic_auth
+        return {"basic": {"username": b.username, "password": b.password, "password_file": b.password_file}
+                if b.password_file else (b.username, b.password)}
+    return {}
+
+
+def _tls_map(tls: Any) -> Dict[str, Any]:
+    if tls is None:
+        return {}
+    return {k: getattr(tls, k) for k in ("ca_file", "cert_file", "key_file", "insecure_skip_verify", "server_name")
+            if getattr(tls, k, None) not in (None, False)}
+
+
+class _OutputSlot:
+    """An output with its spool and the config it was built from (to rebuild on reload)."""
+
+    def __init__(self, oc: "_config.OutputConfig", spool_cfg: "_config.SpoolConfig") -> None:
+        self.config = oc
+        self.spool: Optional[Spool] = None
+        if spool_cfg.dir:
+            self.spool = Spool(os.path.join(spool_cfg.dir, oc.name), max_bytes=spool_cfg.max_bytes,
+                               segment_bytes=spool_cfg.segment_bytes, fsync=spool_cfg.fsync,
+                               fsync_interval_s=spool_cfg.fsync_interval, name=oc.name)
+        fmt, fallback = output_format(oc)
+        compression = oc.compression if fmt in ("prometheus", "openmetrics") and oc.compression == "gzip" else None
+        self.output = Output(
+            oc.name, oc.url, fmt,
+            lambda f, _meta=oc.send_metadata, _c=compression: Encoder(
+                f, send_metadata=_meta, compression=_c if f in ("prometheus", "openmetrics") else None),
+            auth=_output_auth(oc), tls=_tls_map(oc.tls), headers=dict(oc.headers), timeout_s=oc.timeout,
+            max_samples_per_batch=oc.max_samples_per_batch, max_bytes_per_batch=oc.max_bytes_per_batch,
+            flush_interval_s=oc.flush_interval, max_in_flight=oc.max_in_flight,
+            retry=RetryPolicy(min_backoff_s=oc.retry.min_backoff, max_backoff_s=oc.retry.max_backoff,
+                              budget_s=oc.retry.max_elapsed),
+            spool_hook=spool_hook_for(self.spool) if self.spool is not None else None,
+            fallback_fmt=fallback,
+        )
+
+    async def aclose(self, timeout_s: float) -> None:
+        await self.output.aclose(timeout_s)
+        if self.spool is not None:
+            self.spool.close()
+
+
+# -- the process ---------------------------------------------------------------------------------
+class RelayApp:
+    """One relay process. ``await app.run()`` until :meth:`stop` (or a signal)."""
+
+    def __init__(self, cfg: "_config.RelayConfig", *,
+                 loader: Optional[Callable[[], "_config.RelayConfig"]] = None, shutdown_timeout_s: float = 10.0,
+                 env: Optional[Mapping[str, str]] = None) -> None:
+        """``loader`` re-reads the configuration on SIGHUP (the CLI passes one that re-reads
+        the file and re-applies flags and environment)."""
+        self.cfg = cfg
+        self.loader = loader
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.env = dict(os.environ if env is None else env)
+        self.metrics = SelfMetrics()
+        self.spec = load_csv(cfg.csv)
+        opts = cfg.relay
+        self.relay = Relay(self.spec, state_path=opts.state_path, include_non_dcgm=opts.include_non_dcgm,
+                           first_observation=opts.first_observation, output=opts.output,  # type: ignore[arg-type]
+                           evict_after_ms=int(opts.evict_after * 1000), kind_overrides=dict(opts.kind_overrides),
+                           save_every_s=30.0)
+        # Health series are not DCGM fields: a relay of their own passes them and ends them
+        # with stale markers when a target goes away.
+        self.health_relay = Relay(MetricSpec([], source="<health>"), include_non_dcgm=True,
+                                  evict_after_ms=int(opts.evict_after * 1000))
+        self.outputs: Dict[str, _OutputSlot] = {oc.name: _OutputSlot(oc, cfg.spool) for oc in cfg.outputs}
+        self.scraper = Scraper(self._on_result, client_factory=self._scrape_client)
+        self._sources: List[TargetSource] = []
+        self._source_targets: Dict[int, List[Target]] = {}
+        self._source_tasks: List[asyncio.Task] = []
+        self._relabel: Dict[str, RelabelRules] = {}
+        self._down: set[str] = set()
+        self._logged_errors: Dict[str, str] = {}
+        self._stop = asyncio.Event()
+        self._ready = False
+        self._server: Optional[HttpServer] = None
+        self._replay_task: Optional[asyncio.Task] = None
+        self.batches_submitted = 0
+        self.metrics.add_source("relay", lambda: relay_families(self.relay.stats.as_dict(), self.relay.series_count()))
+        self.metrics.add_source("outputs", lambda: output_families(
+            {n: s.output.stats.as_dict() for n, s in self.outputs.items()}))
+        self.metrics.add_source("spools", lambda: spool_families(
+            {n: self._spool_stats(s.spool) for n, s in self.outputs.items() if s.spool is not None}))
+
+    # -- public ----------------------------------------------------------------------------------
+    @property
+    def url(self) -> Optional[str]:
+        """The self-telemetry base URL once listening."""
+        return self._server.url if self._server else None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, *, install_signals: bool = True) -> int:
+        """Run until stopped; returns the exit code."""
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        host, _, port = self.cfg.listen.rpartition(":")
+        self._server = HttpServer(self._handle_http, host.strip("[]") or "127.0.0.1", int(port or 0))
+        await self._server.start()
+        logger.info("dcgmrelay %s listening on %s; %d output(s), CSV %s (%d fields)", __version__,
+                    self._server.url, len(self.outputs), self.spec.source, len(self.spec.field_ids))
+        self._start_sources()
+        self._replay_task = asyncio.create_task(self._replay_loop(), name="spool replay")
+        self._ready = True
+        await self._stop.wait()
+        await self._shutdown()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+        return 0
+
+    async def reload(self) -> bool:
+        """Re-read the config file (SIGHUP). Keeps the delta state; False if the new config is bad."""
+        if self.loader is None:
+            logger.warning("SIGHUP: nothing to reload from")
+            return False
+        try:
+            cfg = self.loader()
+            spec = load_csv(cfg.csv)
+        except Exception as e:  # keep running on the old config
+            self.metrics.config_reloads.labels("failed").inc()
+            logger.error("config reload failed, keeping the running config: %s", e)
+            return False
+        opts = cfg.relay
+        self.relay.reconfigure(spec=spec, include_non_dcgm=opts.include_non_dcgm,
+                               first_observation=opts.first_observation,  # type: ignore[arg-type]
+                               output=opts.output,  # type: ignore[arg-type]
+                               evict_after_ms=int(opts.evict_after * 1000), kind_overrides=dict(opts.kind_overrides))
+        self.spec = spec
+        wanted = {oc.name: oc for oc in cfg.outputs}
+        for name in list(self.outputs):
+            if name not in wanted or wanted[name] != self.outputs[name].config or cfg.spool != self.cfg.spool:
+                await self.outputs.pop(name).aclose(self.shutdown_timeout_s)
+        for name, oc in wanted.items():
+            if name not in self.outputs:
+                self.outputs[name] = _OutputSlot(oc, cfg.spool)
+        self.cfg = cfg
+        self._relabel.clear()
+        await self._stop_sources()
+        self._start_sources()
+        self.metrics.config_reloads.labels("ok").inc()
+        logger.info("config reloaded (%s)", cfg.source or "flags")
+        return True
+
+    # -- targets ---------------------------------------------------------------------------------
+    def _build_sources(self) -> List[TargetSource]:
+        sources: List[TargetSource] = []
+        static = _config.static_targets(self.cfg, self.env)
+        if static:
+            sources.append(StaticTargets(static))
+        if self.cfg.pod_monitors:
+            from .discovery.kubernetes import KubeCredentials, PodMonitorDiscovery, resolve_node_name
+
+            k = self.cfg.kubernetes
+            creds = KubeCredentials.resolve(k.api_url, k.token_file, k.ca_file, k.insecure_skip_verify or None,
+                                            env=self.env)
+            sources.append(PodMonitorDiscovery(_config.pod_monitor_dicts(self.cfg), creds,
+                                               node_name=resolve_node_name(k.node_name, self.env),
+                                               default_interval_s=self.cfg.global_interval))
+        return sources
+
+    def _start_sources(self) -> None:
+        self._sources = self._build_sources()
+        self._source_targets = {}
+        for i, src in enumerate(self._sources):
+            self._source_tasks.append(asyncio.create_task(self._follow(i, src), name=f"targets {i}"))
+        if not self._sources:
+            logger.warning("no targets configured")
+
+    async def _stop_sources(self) -> None:
+        for t in self._source_tasks:
+            t.cancel()
+        for t in self._source_tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._source_tasks.clear()
+        for src in self._sources:
+            with contextlib.suppress(Exception):
+                await src.aclose()
+
+    async def _follow(self, index: int, source: TargetSource) -> None:
+        try:
+            async for targets in source.updates():
+                self._source_targets[index] = list(targets)
+                await self._apply_targets()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.error("target source %s failed: %s", type(source).__name__, e)
+
+    async def _apply_targets(self) -> None:
+        all_targets = [t for ts in self._source_targets.values() for t in ts]
+        if self.cfg.shard is not None:
+            i, n = self.cfg.shard
+            all_targets = shard_targets(all_targets, i, n)
+        before = {t.key for t in self.scraper.targets}
+        started, stopped = self.scraper.update(all_targets)
+        now_ms = int(time.time() * 1000)
+        for key in before - {t.key for t in all_targets}:  # gone: end its series now
+            await self._submit(self.relay.target_down(key, now_ms))
+            await self._submit(self.health_relay.target_down(key, now_ms))
+            self.relay.forget(key)
+            self.health_relay.forget(key)
+            self.metrics.forget_target(key)
+            self._relabel.pop(key, None)
+        self.metrics.targets.labels("all").set(len(all_targets))
+        if started or stopped:
+            logger.info("targets: %d (+%d, -%d)", len(all_targets), started, stopped)
+
+    def _scrape_client(self, target: Target) -> Any:
+        import httpx
+
+        return httpx.AsyncClient(trust_env=False, **build_client_kwargs(target.auth, target.tls, None,
+                                                                          target.timeout_s))
+
+    # -- the pipeline ----------------------------------------------------------------------------
+    def _rules(self, target: Target) -> Optional[RelabelRules]:
+        if not target.metric_relabel:
+            return None
+        rules = self._relabel.get(target.key)
+        if rules is None:
+            rules = self._relabel[target.key] = compile_rules(list(target.metric_relabel),
+                                                              path=f"{target.job}.metric_relabel_configs")
+        return rules
+
+    async def _on_result(self, r: ScrapeResult) -> None:
+        key = r.target.key
+        m = self.metrics
+        m.scrapes.labels(key, "ok" if r.up else "failed").inc()
+        m.scrape_duration.labels(key).observe(r.duration_s)
+        m.target_up.labels(key).set(1 if r.up else 0)
+        m.last_scrape.labels(key).set(r.timestamp_ms / 1000)
+        labels = dict(r.target.labels)
+        scraped = post = 0
+        if r.up:
+            assert r.scrape is not None
+            self._down.discard(key)
+            scrape = r.scrape
+            scraped = len(scrape)
+            if scrape.n_errors:
+                m.parse_errors.labels(key).inc(scrape.n_errors)
+                first = scrape.errors[0]
+                if self._logged_errors.get(key) != first.reason:  # once per target and reason
+                    self._logged_errors[key] = first.reason
+                    logger.warning("%s: %d line(s) rejected, first at line %d, column %d: %s", key,
+                                   scrape.n_errors, first.line, first.column, first.reason)
+            t0 = time.perf_counter()
+            scrape = scrape.with_labels(labels)
+            rules = self._rules(r.target)
+            if rules is not None:
+                scrape = scrape.relabeled(rules)
+            post = len(scrape)
+            batch = self.relay.ingest(scrape, target=key, timestamp_ms=r.timestamp_ms)
+            m.relay_seconds.inc(time.perf_counter() - t0)
+            await self._submit(batch)
+        else:
+            if key not in self._down:  # first failure: end the series once, log once
+                self._down.add(key)
+                logger.warning("%s: scrape failed: %s", key, r.error)
+                await self._submit(self.relay.target_down(key, r.timestamp_ms))
+        await self._submit(self.health_relay.ingest(
+            parse(_health_body(labels, r, scraped, post)), target=key, timestamp_ms=r.timestamp_ms))
+
+    async def _submit(self, batch: RelayBatch) -> None:
+        if not len(batch) and not len(batch.stale_name_ids):
+            return
+        self.batches_submitted += 1
+        for slot in list(self.outputs.values()):
+            await slot.output.submit(batch)
+
+    async def _replay_loop(self) -> None:
+        """Drain each output's spool, oldest first, whenever that output can deliver again."""
+        while True:
+            await asyncio.sleep(1.0)
+            for slot in list(self.outputs.values()):
+                if slot.spool is not None and len(slot.spool):
+                    try:
+                        res = await slot.output.replay_spool(slot.spool, max_attempts=1)
+                    except Exception as e:  # never let replay kill the process
+                        logger.warning("spool replay for %s failed: %s", slot.config.name, e)
+                        continue
+                    if res.sent:
+                        logger.info("%s: replayed %d spooled batch(es), %d pending", slot.config.name,
+                                    res.sent, len(slot.spool))
+
+    @staticmethod
+    def _spool_stats(spool: Optional[Spool]) -> Dict[str, Any]:
+        if spool is None or spool.closed:
+            return {}
+        st = dict(vars(spool.stats))
+        st.update(pending_records=len(spool), pending_bytes=spool.pending_bytes, oldest_age_s=spool.oldest_age_s())
+        return st
+
+    # -- self-telemetry --------------------------------------------------------------------------
+    async def _handle_http(self, method: str, path: str, query: Any, headers: Mapping[str, str],
+                           body: bytes) -> Tuple[int, Mapping[str, str], bytes]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if path == "/metrics":
+            return 200, {"Content-Type": CONTENT_TYPE_LATEST}, generate_latest(self.metrics.registry)
+        if path == "/healthz":
+            return 200, {"Content-Type": "text/plain"}, b"ok\n"
+        if path == "/readyz":
+            ok = self._ready and not self._stop.is_set()
+            return (200 if ok else 503), {"Content-Type": "text/plain"}, b"ready\n" if ok else b"not ready\n"
+        return 404, {"Content-Type": "text/plain"}, b"not found\n"
+
+    # -- shutdown --------------------------------------------------------------------------------
+    async def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout_s
+        self._ready = False
+        logger.info("stopping: flushing %d output(s) (at most %.0fs)", len(self.outputs), self.shutdown_timeout_s)
+        await self._stop_sources()
+        await self.scraper.aclose()
+        if self._replay_task is not None:
+            self._replay_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replay_task
+        remaining = max(0.5, deadline - time.monotonic())
+        await asyncio.gather(*(s.aclose(remaining) for s in self.outputs.values()), return_exceptions=True)
+        with contextlib.suppress(Exception):
+            self.relay.save()
+        if self._server is not None:
+            await self._server.stop()
+        logger.info("stopped")
+
+
+def _health_body(labels: Mapping[str, str], r: ScrapeResult, scraped: int, post: int) -> bytes:
+    """Prometheus' synthetic per-target series, as text (parsed like any scrape)."""
+    from .encode import escape_label_value
+
+    block = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in sorted(labels.items()))
+    return (f"up{{{block}}} {1 if r.up else 0}\n"
+            f"scrape_duration_seconds{{{block}}} {r.duration_s!r}\n"
+            f"scrape_samples_scraped{{{block}}} {scraped}\n"
+            f"scrape_samples_post_metric_relabeling{{{block}}} {post}\n").encode()
+
