@@ -1185,3 +1185,20 @@ def test_help_ending_in_carriage_return() -> None:
     b = fake_batch([("m", (), 1.0)], families={"m": ("gauge", "help\r", None)})
     validate_openmetrics(encode(b, "openmetrics")[0])
     assert b"# HELP m help\n" in encode(b, "prometheus")[0]
+
+
+def test_encode_many_rw1_is_the_concatenation_of_single_requests():
+    """Several targets' batches in one remote-write 1.0 request decode to the same series."""
+    import cramjam
+
+    from dcgmrelay.encode import Encoder
+    from dcgmrelay.simulate import SimulatedNode
+
+    relay = dcgmrelay.Relay("default")
+    batches = [relay.ingest(dcgmrelay.parse(SimulatedNode(4, seed=i).render(0)), target=f"t{i}", timestamp_ms=1000)
+               for i in range(3)]
+    body, headers, n = Encoder("remote-write-1").encode_many(batches)
+    singles = [cramjam.snappy.decompress_raw(Encoder("remote-write-1").encode(b)[0]) for b in batches]
+    assert bytes(cramjam.snappy.decompress_raw(body)) == b"".join(bytes(s) for s in singles)
+    assert n == sum(len(b) for b in batches) and headers["Content-Encoding"] == "snappy"
+    assert Encoder("compact").encode_many is None and Encoder("remote-write-2").encode_many is None

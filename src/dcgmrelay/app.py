@@ -7,12 +7,11 @@ Per scrape result (one coroutine, on the event loop):
 
 1. the target's labels (``job``, ``instance``, discovery labels) are added per label set,
    exporter labels winning (honor_labels), then its metric relabeling (per distinct series);
-2. :meth:`Relay.ingest` applies the CSV, kinds and deltas (a failed scrape instead ends the
-   target's series with stale markers, once);
-3. Prometheus-style health series (``up``, ``scrape_duration_seconds``,
-   ``scrape_samples_scraped``, ``scrape_samples_post_metric_relabeling``) go through a
-   second relay so they get stale markers too;
-4. every output gets both batches; each output batches, retries and spools on its own.
+2. Prometheus-style health series (``up``, ``scrape_duration_seconds``,
+   ``scrape_samples_scraped``, ``scrape_samples_post_metric_relabeling``) are appended;
+3. :meth:`Relay.ingest` applies the CSV, kinds and deltas; a failed scrape carries only
+   the health series, so the target's other series end with stale markers;
+4. every output gets the batch; each output batches, retries and spools on its own.
 
 Signals: SIGTERM/SIGINT stop scraping, flush every output within ``shutdown_timeout_s``
 (what cannot be delivered goes to the spool), save the delta state and exit. SIGHUP
@@ -35,7 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from . import config as _config
 from ._http import HttpServer
 from ._version import __version__
-from .csvspec import MetricSpec, load_csv
+from .csvspec import load_csv
 from .encode import Encoder
 from .relabel import RelabelRules, compile_rules
 from .relay import Relay, RelayBatch
@@ -151,11 +150,7 @@ class RelayApp:
         self.relay = Relay(self.spec, state_path=opts.state_path, include_non_dcgm=opts.include_non_dcgm,
                            first_observation=opts.first_observation, output=opts.output,  # type: ignore[arg-type]
                            evict_after_ms=int(opts.evict_after * 1000), kind_overrides=dict(opts.kind_overrides),
-                           save_every_s=30.0)
-        # Health series are not DCGM fields: a relay of their own passes them and ends them
-        # with stale markers when a target goes away.
-        self.health_relay = Relay(MetricSpec([], source="<health>"), include_non_dcgm=True,
-                                  evict_after_ms=int(opts.evict_after * 1000))
+                           save_every_s=30.0, passthrough_names=HEALTH_SERIES)
         self.outputs: Dict[str, _OutputSlot] = {oc.name: _OutputSlot(oc, cfg.spool) for oc in cfg.outputs}
         self.scraper = Scraper(self._on_result, client_factory=self._scrape_client)
         self._sources: List[TargetSource] = []
@@ -295,9 +290,7 @@ class RelayApp:
         now_ms = int(time.time() * 1000)
         for key in before - {t.key for t in all_targets}:  # gone: end its series now
             await self._submit(self.relay.target_down(key, now_ms))
-            await self._submit(self.health_relay.target_down(key, now_ms))
             self.relay.forget(key)
-            self.health_relay.forget(key)
             self.metrics.forget_target(key)
             self._relabel.pop(key, None)
         self.metrics.targets.labels("all").set(len(all_targets))
@@ -329,6 +322,8 @@ class RelayApp:
         m.last_scrape.labels(key).set(r.timestamp_ms / 1000)
         labels = dict(r.target.labels)
         scraped = post = 0
+        scrape = None
+        t0 = time.perf_counter()
         if r.up:
             assert r.scrape is not None
             self._down.discard(key)
@@ -341,22 +336,21 @@ class RelayApp:
                     self._logged_errors[key] = first.reason
                     logger.warning("%s: %d line(s) rejected, first at line %d, column %d: %s", key,
                                    scrape.n_errors, first.line, first.column, first.reason)
-            t0 = time.perf_counter()
             scrape = scrape.with_labels(labels)
             rules = self._rules(r.target)
             if rules is not None:
                 scrape = scrape.relabeled(rules)
             post = len(scrape)
-            batch = self.relay.ingest(scrape, target=key, timestamp_ms=r.timestamp_ms)
-            m.relay_seconds.inc(time.perf_counter() - t0)
-            await self._submit(batch)
-        else:
-            if key not in self._down:  # first failure: end the series once, log once
-                self._down.add(key)
-                logger.warning("%s: scrape failed: %s", key, r.error)
-                await self._submit(self.relay.target_down(key, r.timestamp_ms))
-        await self._submit(self.health_relay.ingest(
-            parse(_health_body(labels, r, scraped, post)), target=key, timestamp_ms=r.timestamp_ms))
+        elif key not in self._down:  # log a failing target once, until it answers again
+            self._down.add(key)
+            logger.warning("%s: scrape failed: %s", key, r.error)
+        # The health series travel in the same batch (one request per scrape). A failed scrape
+        # sends only them: every other series of the target is then absent and goes stale.
+        health = parse(_health_body(labels, r, scraped, post))
+        batch = self.relay.ingest(health if scrape is None else scrape.extended(health), target=key,
+                                  timestamp_ms=r.timestamp_ms)
+        m.relay_seconds.inc(time.perf_counter() - t0)
+        await self._submit(batch)
 
     async def _submit(self, batch: RelayBatch) -> None:
         if not len(batch) and not len(batch.stale_name_ids):
@@ -420,6 +414,10 @@ class RelayApp:
         if self._server is not None:
             await self._server.stop()
         logger.info("stopped")
+
+
+#: Prometheus' synthetic per-target series, relayed with the target's samples.
+HEALTH_SERIES = ("up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling")
 
 
 def _health_body(labels: Mapping[str, str], r: ScrapeResult, scraped: int, post: int) -> bytes:

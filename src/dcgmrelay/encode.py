@@ -100,7 +100,7 @@ import struct
 import sys
 import zlib
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cramjam
 import numpy as np
@@ -809,6 +809,10 @@ class Encoder:
             raise ValueError("max_series must be >= 1")
         self.send_metadata = bool(send_metadata)
         self.timestamps = bool(timestamps)
+        # Requests can carry several batches only where the format concatenates (remote write
+        # 1.0); the transport merges queued batches when this is set.
+        self.encode_many: Optional[Callable[[Sequence[Any]], Tuple[bytes, Dict[str, str], int]]] = (
+            self._encode_many_rw1 if self.fmt == "remote-write-1" else None)
         self.compression = None if compression == "identity" else compression
         self.level = level
         self.max_series = int(max_series)
@@ -990,6 +994,33 @@ class Encoder:
             tail = tbl.rw1_metadata(np.flatnonzero(mark))
         raw = self._impl.rw1_body(tbl.buf, tbl.off.view(), sids, vals, ts, tail)
         return bytes(cramjam.snappy.compress_raw(raw)), len(sids)
+
+    def _rw1_raw(self, batch: Any) -> Tuple[bytes, int]:
+        tbl = self._table
+        assert tbl is not None
+        sh = self._ship(batch, stale=True, starts=False)
+        sids, vals, ts, _ = self._grouped(sh, batch)
+        tail = b""
+        if self.send_metadata and len(sids):
+            mark = np.zeros(len(tbl.names), dtype=bool)
+            mark[tbl.ser_name.view()[sids]] = True
+            tail = tbl.rw1_metadata(np.flatnonzero(mark))
+        return bytes(self._impl.rw1_body(tbl.buf, tbl.off.view(), sids, vals, ts, tail)), len(sids)
+
+    def _encode_many_rw1(self, batches: Sequence[Any]) -> Tuple[bytes, Dict[str, str], int]:
+        """Several batches (targets) in one remote-write 1.0 request: a WriteRequest is a
+        sequence of repeated fields, so the uncompressed bodies concatenate."""
+        if len(self._table or ()) > self.max_series:
+            self._table = _Table(self.fmt, self._impl)
+        raws, n = [], 0
+        for b in batches:
+            raw, k = self._rw1_raw(b)
+            raws.append(raw)
+            n += k
+        body = bytes(cramjam.snappy.compress_raw(b"".join(raws)))
+        self.last_samples = n
+        self.last_bytes = len(body)
+        return body, dict(self.headers), n
 
     def _grouped(self, sh: _Shipped, batch: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """Shipped samples grouped by label set (snappy's 64 KiB window then sees a device's

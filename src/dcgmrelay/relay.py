@@ -132,7 +132,7 @@ import operator
 import os
 import tempfile
 import time
-from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -621,7 +621,10 @@ class Relay:
         kind_overrides: Optional[Mapping[Union[str, int], KindLike]] = None,
         save_every_s: float = 0.0,
         event_value_labels: Sequence[str] = ("err_code", "err_msg"),
+        passthrough_names: Iterable[str] = (),
     ) -> None:
+        """``passthrough_names``: non-DCGM metric names kept even when ``include_non_dcgm`` is
+        False (the relay process's own per-target health series: ``up``, ``scrape_*``)."""
         if not isinstance(spec, MetricSpec):
             spec = load_csv(spec)
         if first_observation not in ("drop", "zero", "full"):
@@ -639,6 +642,7 @@ class Relay:
         self.evict_after_ms = int(evict_after_ms)
         self.save_every_s = float(save_every_s)
         self.event_value_labels = frozenset(event_value_labels)
+        self.passthrough_names = frozenset(passthrough_names)
         self.state_path = None if state_path is None else os.fspath(state_path)
         self._field_overrides, self._name_overrides = self._resolve_overrides(kind_overrides or {})
         self._name_class: Dict[str, Tuple[int, int]] = {}  # DCGM names only
@@ -730,7 +734,7 @@ class Relay:
         for i, (name, fid) in enumerate(zip(names, fids)):
             if fid >= 0:
                 codes[i], kinds[i] = self._classify_dcgm(name, fid)
-            elif not self.include_non_dcgm:
+            elif not self.include_non_dcgm and name not in self.passthrough_names:
                 codes[i], kinds[i] = _DROP_NON_DCGM, int(Kind.GAUGE)
             else:
                 codes[i] = _KEEP

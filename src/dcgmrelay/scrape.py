@@ -312,6 +312,18 @@ class Scrape:
                         [tuple(e) for e in self.errors], self.n_errors, 0)
         return Scrape(raw, format=self.format, source=self.source)
 
+    def extended(self, other: "Scrape") -> "Scrape":
+        """This scrape followed by ``other``'s samples (tables concatenated; metadata merged)."""
+        no, lo = len(self.names), len(self.labelsets)
+        raw = RawScrape(np.concatenate([self.values, other.values]),
+                        np.concatenate([self.timestamps, other.timestamps]),
+                        np.concatenate([self.name_ids, other.name_ids + no]).astype(np.int32),
+                        np.concatenate([self.labelset_ids, other.labelset_ids + lo]).astype(np.int32),
+                        list(self.names + other.names), list(self.labelsets + other.labelsets),
+                        {**other._families_raw, **self._families_raw},
+                        [tuple(e) for e in self.errors], self.n_errors, 0)
+        return Scrape(raw, format=self.format, source=self.source)
+
     def with_labels(self, extra: Mapping[str, str], *, honor_labels: bool = True) -> "Scrape":
         """The scrape with ``extra`` labels (a target's ``job``, ``instance``, ``pod`` ...) added to
         every label set; per label set, not per sample. With ``honor_labels`` (the default) a
