@@ -9,6 +9,7 @@
 from . import fields
 from ._version import __version__
 from .csvspec import MetricSpec, load_csv
+from .encode import Encoder, decode_batch, encode
 from .errors import CsvSpecError, DcgmRelayError, ParseError, UnknownFieldError
 from .kinds import Kind
 from .relay import Relay, RelayBatch, RelayStats
@@ -29,6 +30,7 @@ __all__ = [
     "TS_ABSENT",
     "CsvSpecError",
     "DcgmRelayError",
+    "Encoder",
     "Entity",
     "Family",
     "GpuMatrix",
@@ -43,6 +45,8 @@ __all__ = [
     "Scrape",
     "UnknownFieldError",
     "__version__",
+    "decode_batch",
+    "encode",
     "fields",
     "format_from_content_type",
     "implementation",
