@@ -82,6 +82,12 @@ def test_timestamp_out_of_range_and_float_in_text_format(parse):
     assert all("timestamp" in e.reason for e in s.errors)
 
 
+def test_openmetrics_timestamp_too_large_is_an_error_not_a_crash(parse):
+    s = parse(b"a 1 1e308\nb 2 1e17\nc 3 5\n# EOF\n", format="openmetrics")
+    assert s.names == ("c",) and s.timestamps.tolist() == [5000]
+    assert [(e.line, "out of range" in e.reason) for e in s.errors] == [(1, True), (2, True)]
+
+
 def test_openmetrics_timestamps_are_seconds(parse):
     s = parse(b"# TYPE a gauge\na 1 1520879607.789\na{x=\"1\"} 2 1520879607\n# EOF\n")
     assert s.format == "openmetrics"

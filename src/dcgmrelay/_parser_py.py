@@ -88,7 +88,10 @@ def parse_timestamp(tok: bytes, om: bool) -> int:
         seconds = parse_value(tok)
         if seconds != seconds or seconds in (float("inf"), float("-inf")):
             raise ValueError("timestamp must be finite")
-        ms = round(seconds * 1000.0)
+        ms_f = seconds * 1000.0
+        if not -9.2e18 < ms_f < 9.2e18:  # also catches a product that overflows to inf
+            raise ValueError("timestamp out of range")
+        ms = round(ms_f)
     else:
         if not _INT_RE.match(tok):
             raise ValueError("timestamp must be an integer number of milliseconds")
