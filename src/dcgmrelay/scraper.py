@@ -16,7 +16,6 @@ A loop that overruns its interval skips the missed ticks instead of piling up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -129,19 +128,27 @@ class Scraper:
                 started += 1
         return started, stopped
 
-    async def aclose(self) -> None:
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """Stop every loop and close the connections, within ``timeout_s`` (a target that
+        does not let go of a connection cannot hold up a shutdown)."""
         tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
         self._tasks.clear()
         self._targets.clear()
-        for c in list(self._clients.values()) + ([self._shared] if self._shared else []):
-            await c.aclose()
+        clients = list(self._clients.values()) + ([self._shared] if self._shared else [])
         self._clients.clear()
         self._shared = None
+        if clients:
+            closing = [asyncio.ensure_future(c.aclose()) for c in clients]
+            done, pending = await asyncio.wait(closing, timeout=timeout_s)
+            for f in pending:
+                f.cancel()
+            for f in done:
+                if not f.cancelled() and f.exception() is not None:
+                    logger.debug("closing a scrape client: %s", f.exception())
 
     async def _loop(self, target: Target) -> None:
         parser = Parser()
