@@ -691,7 +691,8 @@ def test_selector_honours_no_extensions() -> None:
     import subprocess
     import sys
 
-    code = "import dcgmrelay.encode as e; print(e.IMPLEMENTATION, e.Encoder('rw1').implementation)"
+    code = ("import importlib; e = importlib.import_module('dcgmrelay.encode'); "
+            "print(e.IMPLEMENTATION, e.Encoder('rw1').implementation)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**__import__("os").environ, "DCGMRELAY_NO_EXTENSIONS": "1"}, check=True)
     assert out.stdout.split() == ["py", "py"]
@@ -1202,3 +1203,11 @@ def test_encode_many_rw1_is_the_concatenation_of_single_requests():
     assert bytes(cramjam.snappy.decompress_raw(body)) == b"".join(bytes(s) for s in singles)
     assert n == sum(len(b) for b in batches) and headers["Content-Encoding"] == "snappy"
     assert Encoder("compact").encode_many is None and Encoder("remote-write-2").encode_many is None
+
+
+def test_package_level_names() -> None:
+    b = relay_batches(times=(600,))[0]
+    body, headers = dcgmrelay.encode(b, "compact")
+    assert_same_columns(dcgmrelay.decode_batch(body), b)
+    assert dcgmrelay.encode(b, "remote-write-1") == E.encode(b, "remote-write-1")
+    assert isinstance(dcgmrelay.Encoder("rw1"), E.Encoder)

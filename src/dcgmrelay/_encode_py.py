@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 __all__ = ["format_float", "gather", "rw1_body", "rw2_body", "rw2_refs", "text_body", "IMPLEMENTATION"]
 

@@ -98,10 +98,6 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
         rx = self.server.receiver
         path = self.path.split("?", 1)[0]
-        if path != COMPACT_PATH:
-            self.close_connection = True
-            self._json(404, {"error": "not-found", "reason": f"POST {COMPACT_PATH}, not {path}"})
-            return
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             self.close_connection = True
@@ -110,11 +106,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         n = int(length)
         if n > rx.max_body:
-            self.close_connection = True
+            self.close_connection = True  # the body is not read: the connection cannot be reused
             rx._reject("too-large")
             self._json(413, {"error": "too-large", "reason": f"body of {n} bytes is over {rx.max_body}"})
             return
-        body = self.rfile.read(n)
+        body = self.rfile.read(n)  # read before any answer, so the client sees the answer
+        if path != COMPACT_PATH:
+            self._json(404, {"error": "not-found", "reason": f"POST {COMPACT_PATH}, not {path}"})
+            return
         ctype = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         cenc = (self.headers.get("Content-Encoding") or "identity").strip().lower()
         if ctype != "application/x-dcgmrelay-compact" or cenc != "identity":
