@@ -48,7 +48,7 @@ def load(name: str) -> bytes:
 
 
 def serve(body: bytes, port: int) -> subprocess.Popen:
-    """A static exporter in its own process, counting requests per User-Agent."""
+    """A static exporter in its own process, counting requests (per User-Agent)."""
     tmp = tempfile.NamedTemporaryFile(delete=False, suffix=".prom")
     tmp.write(body)
     tmp.close()
@@ -99,9 +99,11 @@ def measure(cmd: list[str], agent: str, port: int, samples_per_scrape: int, warm
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(warmup)
-        c0, n0 = cpu_seconds(proc.pid), counts(port).get(agent, 0)
+        # the agents run one after the other, so every request in the window is this agent's
+        # (vmagent's User-Agent changes once it streams large bodies)
+        c0, n0 = cpu_seconds(proc.pid), sum(counts(port).values())
         time.sleep(seconds)
-        c1, n1 = cpu_seconds(proc.pid), counts(port).get(agent, 0)
+        c1, n1 = cpu_seconds(proc.pid), sum(counts(port).values())
         rss = peak_rss_mib(proc.pid)
     finally:
         proc.terminate()
