@@ -16,6 +16,10 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_DecodeASCII
+from cpython.object cimport PyObject
+
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(void* op)
 
 import gc
 
@@ -352,12 +356,24 @@ cdef class _Parser:
             perm = tuple(sorted(range(count), key=names.__getitem__))
             schema = self.schemas[sigb] = (names, perm)
         names, perm = schema
+        cdef list pairs = []
         try:
-            ordered = tuple([(names[x], PyUnicode_DecodeUTF8(<const char*>b + val_off[x], val_len[x], NULL))
-                             for x in range(count)])
+            for x in range(count):
+                pair = (names[x], PyUnicode_DecodeUTF8(<const char*>b + val_off[x], val_len[x], NULL))
+                PyObject_GC_UnTrack(<PyObject*>pair)
+                pairs.append(pair)
         except UnicodeDecodeError:
             return None
-        return ordered, tuple([ordered[x] for x in perm])
+        # Tuples of strings can hold no reference cycle; untracked now, the cyclic GC never
+        # walks the (many, long-lived) label tables, which CPython would only find out at
+        # its first collection after the parse.
+        ordered = tuple(pairs)
+        key = tuple([ordered[x] for x in perm])
+        entry = (ordered, key)
+        PyObject_GC_UnTrack(<PyObject*>ordered)
+        PyObject_GC_UnTrack(<PyObject*>key)
+        PyObject_GC_UnTrack(<PyObject*>entry)
+        return entry
 
     cdef int32_t register(self, tuple entry) except -1:
         """Label-set id of a memo entry (as Builder.labelset_id, without the Python call)."""
