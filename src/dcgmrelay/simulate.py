@@ -232,41 +232,11 @@ FieldSpec = Union[str, tuple[str, str, str]]
 
 
 def go_float(v: float) -> str:
-    """Format like prometheus/common expfmt ``writeFloat``: Go ``strconv.FormatFloat(v, 'g', -1, 64)``.
+    """Format like prometheus/common expfmt ``writeFloat``: Go ``strconv.FormatFloat(v, 'g', -1, 64)``
+    (the encoder's formatting: one implementation for the relay's output and the simulator's)."""
+    from ._encode_py import format_float
 
-    Go switches to the exponent form from exponent -5 down and 6 up (shortest mode
-    decides with precision 6), Python's repr only from 16, hence the rewrite.
-    """
-    if v == 0:
-        return "0"
-    if v == 1:
-        return "1"
-    if v == -1:
-        return "-1"
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    r = repr(v)  # shortest round-trip digits, same as Go's
-    sign = ""
-    if r[0] == "-":
-        sign, r = "-", r[1:]
-    mant, _, e = r.partition("e")
-    ip, _, fp = mant.partition(".")
-    digits = ip + fp
-    dp = len(ip) + (int(e) if e else 0)  # decimal point position within digits
-    stripped = digits.lstrip("0")
-    dp -= len(digits) - len(stripped)
-    digits = stripped.rstrip("0")
-    exp = dp - 1
-    if exp < -4 or exp >= 6:
-        m = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
-        return f"{sign}{m}e{'-' if exp < 0 else '+'}{abs(exp):02d}"
-    if dp <= 0:
-        return f"{sign}0.{'0' * -dp}{digits}"
-    if dp >= len(digits):
-        return f"{sign}{digits}{'0' * (dp - len(digits))}"
-    return f"{sign}{digits[:dp]}.{digits[dp:]}"
+    return format_float(v)
 
 
 def _escape_label(v: str) -> str:
