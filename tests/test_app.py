@@ -360,3 +360,45 @@ def test_kill_9_and_restart_loses_nothing(tmp_path):
         ctl["done"] = True
         exp.kill()
         rx.stop()
+
+
+def test_spool_cap_reached_drops_oldest_and_counts_it(tmp_path, caplog):
+    """Collector down long enough to fill a small spool: the oldest records go, counted and logged."""
+    import logging
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dcgmrelay._http import HttpServer
+
+    async def down(method, path, query, headers, body):
+        return 503, {}, b"down\n"
+
+    node = SimulatedNode(8, seed=9, collect_interval=0.2)
+
+    async def main():
+        async with HttpServer(down) as px, ExporterServer(node) as ex:
+            cfg = _cfg(target=[ex.url], remote_write=[px.url + "/api/v1/write"], spool_dir=str(tmp_path / "spool"),
+                       interval="200ms", timeout="200ms")
+            out = C.config_to_dict(cfg, reveal_secrets=True)["outputs"][0]
+            cfg = C.merge(cfg, {"outputs": [{**out, "retry": {"min_backoff": "20ms", "max_backoff": "50ms",
+                                                              "max_elapsed": "100ms"}}],
+                                "spool": {"dir": str(tmp_path / "spool"), "max_bytes": "96KiB",
+                                          "segment_bytes": "16KiB"}})
+            app = RelayApp(cfg)
+            task = asyncio.create_task(app.run(install_signals=False))
+            await asyncio.sleep(4.0)
+            async with httpx.AsyncClient() as c:
+                metrics = (await c.get(app.url + "/metrics")).text
+            app.stop()
+            await task
+            return metrics
+
+    with caplog.at_level(logging.WARNING, logger="dcgmrelay.spool"):
+        metrics = asyncio.run(main())
+    fams = {f.name: f for f in text_string_to_metric_families(metrics)}
+    dropped = {s.labels["reason"]: s.value for s in fams["dcgmrelay_spool_dropped_records"].samples
+               if s.name.endswith("_total")}
+    assert dropped["size_cap"] > 0
+    pending = [s.value for s in fams["dcgmrelay_spool_bytes"].samples]
+    assert pending and 0 < pending[0] <= 96 * 1024
+    assert any("drop" in r.getMessage() for r in caplog.records)
