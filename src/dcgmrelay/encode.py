@@ -273,6 +273,29 @@ class _Grow:
         return self.n
 
 
+def _find_sorted(sk: np.ndarray, sv: np.ndarray, keys: np.ndarray) -> Tuple[Optional[np.ndarray], np.ndarray]:
+    """Look int64 series keys up in a sorted key array ``sk`` (values ``sv``): ``(ids, empty)``
+    when all are known, else ``(None, the unknown keys once each, first-seen order)``."""
+    if len(sk):
+        pos = np.minimum(np.searchsorted(sk, keys), len(sk) - 1)
+        hit = sk[pos] == keys
+        if hit.all():
+            return sv[pos], _EMPTY_I64
+        missing = keys[~hit]
+    else:
+        missing = keys
+    uk, first = np.unique(missing, return_index=True)
+    return None, uk[np.argsort(first, kind="stable")]
+
+
+def _insert_sorted(sk: np.ndarray, sv: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``sk``/``sv`` with new keys and their ids added, still sorted by key."""
+    sk = np.concatenate([sk, keys])
+    sv = np.concatenate([sv, ids])
+    order = np.argsort(sk, kind="stable")
+    return sk[order], sv[order]
+
+
 def _i64(a: Any) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
@@ -504,23 +527,13 @@ class _Table:
         keys = (nidx.astype(np.int64) << 32) | lidx.astype(np.int64)
         if not len(keys):
             return _EMPTY_I64
-        sk = self._sk
-        if len(sk):
-            pos = np.minimum(np.searchsorted(sk, keys), len(sk) - 1)
-            hit = sk[pos] == keys
-            if hit.all():
-                return self._sv[pos]
-            missing = keys[~hit]
-        else:
-            missing = keys
-        uk, first = np.unique(missing, return_index=True)
-        uk = uk[np.argsort(first, kind="stable")]
+        ids, uk = _find_sorted(self._sk, self._sv, keys)
+        if ids is not None:
+            return ids
         start = len(self.ser_name)
         self._create(uk >> 32, uk & 0xFFFFFFFF)
-        sk = np.concatenate([self._sk, uk])
-        sv = np.concatenate([self._sv, np.arange(start, start + len(uk), dtype=np.int64)])
-        order = np.argsort(sk, kind="stable")
-        self._sk, self._sv = sk[order], sv[order]
+        self._sk, self._sv = _insert_sorted(self._sk, self._sv, uk,
+                                            np.arange(start, start + len(uk), dtype=np.int64))
         return self.lookup(nidx, lidx)
 
     def batch_sids(self, nmap: np.ndarray, lmap: np.ndarray, name_ids: np.ndarray,
@@ -1634,17 +1647,9 @@ class _CompactEncoder:
         ``new``; the caller sets their attributes."""
         if not len(keys):
             return _EMPTY_I64
-        sk = self._sk
-        if len(sk):
-            pos = np.minimum(np.searchsorted(sk, keys), len(sk) - 1)
-            hit = sk[pos] == keys
-            if hit.all():
-                return self._sv[pos]
-            missing = keys[~hit]
-        else:
-            missing = keys
-        uk, first = np.unique(missing, return_index=True)
-        uk = uk[np.argsort(first, kind="stable")]
+        found, uk = _find_sorted(self._sk, self._sv, keys)
+        if found is not None:
+            return found
         start = self.n_series
         ids = np.arange(start, start + len(uk), dtype=np.int64)
         self.n_series += len(uk)
@@ -1652,10 +1657,7 @@ class _CompactEncoder:
         self.ser_nm[ids] = uk >> 32
         self.ser_lsid[ids] = uk & 0xFFFFFFFF
         new.append(ids)
-        sk = np.concatenate([self._sk, uk])
-        sv = np.concatenate([self._sv, ids])
-        order = np.argsort(sk, kind="stable")
-        self._sk, self._sv = sk[order], sv[order]
+        self._sk, self._sv = _insert_sorted(self._sk, self._sv, uk, ids)
         return self._lookup(keys, new)
 
     # -- one batch --------------------------------------------------------------------------
