@@ -404,3 +404,11 @@ def test_no_extensions_switch_selects_the_twin():
     out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "DCGMRELAY_NO_EXTENSIONS": "1"},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["py", "dcgmrelay._parser_py"]
+
+
+@pytest.mark.parametrize("impl", ["py", pytest.param("c", marks=pytest.mark.c_extension)])
+def test_comment_line_equal_to_a_label_block(impl):
+    # The parser remembers both label blocks and comment lines by their bytes: a block whose
+    # bytes equal an earlier comment line must not get the comment's parse back.
+    s = dcgmrelay.parse(b"# HELP x y\nm{# HELP x y} 1\n", implementation=impl)
+    assert s.labelsets == () and tuple(s.errors[0])[:2] == (2, 3) and s.entities == ()

@@ -19,7 +19,17 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    # What the loops take (the native ones need C-contiguous arrays of exactly these dtypes).
+    Bytes = Union[bytes, bytearray, memoryview]
+    I64 = npt.NDArray[np.int64]
+    U32 = npt.NDArray[np.uint32]
+    F64 = npt.NDArray[np.float64]
 
 __all__ = ["format_float", "gather", "rw1_body", "rw2_body", "rw2_refs", "text_body", "IMPLEMENTATION"]
 
@@ -90,7 +100,7 @@ def _seconds(ms: int) -> str:
     return f"{sign}{q}.{frac}"
 
 
-def gather(buf: Any, off: Sequence[int], idx: Sequence[int]) -> bytes:
+def gather(buf: Bytes, off: I64, idx: I64) -> bytes:
     """Concatenation of the CSR pieces ``buf[off[i]:off[i + 1]]`` for ``i`` in ``idx``."""
     mv = memoryview(buf)
     o = [int(x) for x in off]
@@ -106,8 +116,7 @@ def _sample_rw1(value: float, ts: int) -> bytes:
     return out
 
 
-def rw1_body(lab_buf: Any, lab_off: Sequence[int], sids: Sequence[int], values: Sequence[float],
-             ts: Sequence[int], tail: bytes) -> bytes:
+def rw1_body(lab_buf: Bytes, lab_off: I64, sids: I64, values: F64, ts: I64, tail: bytes) -> bytes:
     """``prometheus.WriteRequest``: one ``TimeSeries`` (field 1) per sample, then ``tail``
     (the already encoded metadata, field 3).
 
@@ -115,7 +124,7 @@ def rw1_body(lab_buf: Any, lab_off: Sequence[int], sids: Sequence[int], values: 
     """
     mv = memoryview(lab_buf)
     off = [int(x) for x in lab_off]
-    parts = []
+    parts: list[bytes | memoryview] = []
     for sid, v, t in zip((int(x) for x in sids), (float(x) for x in values), (int(x) for x in ts)):
         labels = mv[off[sid]:off[sid + 1]]
         sample = _sample_rw1(v, t)
@@ -127,7 +136,7 @@ def rw1_body(lab_buf: Any, lab_off: Sequence[int], sids: Sequence[int], values: 
     return b"".join(parts)
 
 
-def rw2_refs(lab_off: Sequence[int], refs: Sequence[int], out_off: Any) -> bytes:
+def rw2_refs(lab_off: I64, refs: U32, out_off: I64) -> bytes:
     """Per series: its ``labels_refs`` field (packed varints); CSR offsets into ``out_off``."""
     off = [int(x) for x in lab_off]
     refl = [int(x) for x in refs]
@@ -145,9 +154,8 @@ def rw2_refs(lab_off: Sequence[int], refs: Sequence[int], out_off: Any) -> bytes
     return b"".join(parts)
 
 
-def rw2_body(head: bytes, pre_buf: Any, pre_off: Sequence[int], suf_buf: Any, suf_off: Sequence[int],
-             ser_suf: Sequence[int], sids: Sequence[int], values: Sequence[float], ts: Sequence[int],
-             start: Sequence[int]) -> bytes:
+def rw2_body(head: bytes, pre_buf: Bytes, pre_off: I64, suf_buf: Bytes, suf_off: I64, ser_suf: I64, sids: I64,
+             values: F64, ts: I64, start: I64) -> bytes:
     """``io.prometheus.write.v2.Request``: ``head`` (the encoded ``symbols``, field 4), then one
     ``TimeSeries`` (field 5) per sample: the series' ``pre_buf`` piece (its ``labels_refs``),
     the ``Sample``, then the ``suf_buf`` piece ``ser_suf[s]`` (its ``metadata``, or empty).
@@ -173,9 +181,8 @@ def rw2_body(head: bytes, pre_buf: Any, pre_off: Sequence[int], suf_buf: Any, su
     return b"".join(parts)
 
 
-def text_body(pre_buf: Any, pre_off: Sequence[int], hdr_buf: Any, hdr_off: Sequence[int],
-              ser_group: Sequence[int], order: Sequence[int], sids: Sequence[int], values: Sequence[float],
-              ts: Sequence[int], ts_mode: int, tail: bytes) -> bytes:
+def text_body(pre_buf: Bytes, pre_off: I64, hdr_buf: Bytes, hdr_off: I64, ser_group: I64, order: I64, sids: I64,
+              values: F64, ts: I64, ts_mode: int, tail: bytes) -> bytes:
     """Text exposition lines for samples ``order[0], order[1], ...``.
 
     Each line is series prefix (``name{labels}``), a space, the value, then (``ts_mode`` 1)
@@ -190,7 +197,7 @@ def text_body(pre_buf: Any, pre_off: Sequence[int], hdr_buf: Any, hdr_off: Seque
     sid_l = [int(x) for x in sids]
     val_l = [float(x) for x in values]
     ts_l = [int(x) for x in ts]
-    parts = []
+    parts: list[bytes | memoryview] = []
     last = -1
     for i in (int(x) for x in order):
         sid = sid_l[i]

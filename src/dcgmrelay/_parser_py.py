@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import re
 from array import array
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple, Union, cast
 
 from .errors import ParseError
 
-__all__ = ["MEMO_MAX", "TS_ABSENT", "Builder", "LineError", "MemoEntry", "RawScrape", "memo_entry", "parse_raw",
-           "parse_timestamp", "parse_value"]
+__all__ = ["MEMO_MAX", "TS_ABSENT", "Builder", "CommentRecord", "LineError", "Memo", "MemoEntry", "RawScrape",
+           "memo_entry", "parse_raw", "parse_timestamp", "parse_value"]
 
 #: ``Scrape.timestamps`` holds this where a sample has no timestamp (INT64_MIN).
 TS_ABSENT = -(2**63)
@@ -191,6 +191,14 @@ def parse_label_block(block: bytes) -> list[tuple[str, str]]:
 #: A parsed label block: (pairs in body order, pairs sorted by name — the identity of the set).
 MemoEntry = Tuple[Tuple[Tuple[str, str], ...], Tuple[Tuple[str, str], ...]]
 
+#: A parsed comment line: ``()`` a plain comment, ``(-1,)`` '# EOF', else
+#: (slot in the family's [type, help, unit], family name, value, keyword).
+CommentRecord = Union[Tuple[()], Tuple[int], Tuple[int, str, str, str]]
+
+#: What a parser remembers across parses: label blocks (keyed by the bytes between the
+#: braces) and comment lines (keyed by the line after a '\n', which no block holds).
+Memo = Dict[bytes, Union[MemoEntry, CommentRecord]]
+
 #: A parser's memo of label blocks is cleared when it grows past this many entries, so a
 #: target that sends ever-new label sets cannot grow memory without bound.
 MEMO_MAX = 65536
@@ -223,7 +231,7 @@ class Builder:
                  "_ls_by_block", "families", "errors", "n_errors", "eof")
 
     def __init__(self, om: bool, strict: bool, max_errors: int, source: str | None,
-                 memo: Optional[Dict[bytes, tuple]] = None) -> None:
+                 memo: Optional[Memo] = None) -> None:
         self.om = om
         # label block bytes -> parsed labels, kept across parses by a Parser: the same
         # exporter sends the same blocks every scrape
@@ -253,7 +261,8 @@ class Builder:
         """Label-set id of a label block's bytes; equal sets in any order or spacing share one id."""
         lid = self._ls_by_block.get(block)
         if lid is None:
-            entry = self.memo.get(block) if self.memo is not None else None
+            # block keys never start with '\n', comment keys always do (see comment())
+            entry = cast("Optional[MemoEntry]", self.memo.get(block) if self.memo is not None else None)
             if entry is None:
                 entry = memo_entry(parse_label_block(block))
                 if self.memo is not None:
@@ -283,11 +292,12 @@ class Builder:
     # -- lines ----------------------------------------------------------------------------------
     def comment(self, line: bytes, p: int, lineno: int) -> None:
         """A line starting with '#' at ``p``: HELP, TYPE, UNIT, EOF or a plain comment."""
-        # Metadata lines repeat every scrape, so their parse is remembered like label blocks
-        # (a comment line cannot equal a label block: it starts with '#'). HELP escapes and
-        # '# EOF' depend on the format, hence the marker byte.
-        key = b"\x01" + line if self.om else line
-        rec = self.memo.get(key) if self.memo is not None else None
+        # Metadata lines repeat every scrape, so their parse is remembered like label blocks.
+        # The '\n' prefix keeps the keys apart: no block holds one ("m{# HELP x y} 1" has a
+        # block equal to the line "# HELP x y"). HELP escapes and '# EOF' depend on the
+        # format, hence the marker byte.
+        key = (b"\n\x01" if self.om else b"\n") + line
+        rec = cast("Optional[CommentRecord]", self.memo.get(key) if self.memo is not None else None)
         if rec is None:
             try:
                 rec = self._parse_comment(line, p)
@@ -298,7 +308,7 @@ class Builder:
                 self.memo[key] = rec
         if not rec:
             return  # a plain comment
-        if rec[0] < 0:
+        if len(rec) == 1:  # (-1,): '# EOF'
             self.eof = True
             return
         slot, name, value, kw = rec
@@ -310,7 +320,7 @@ class Builder:
             return
         fam[slot] = value
 
-    def _parse_comment(self, line: bytes, p: int) -> tuple:  # type: ignore[type-arg]
+    def _parse_comment(self, line: bytes, p: int) -> CommentRecord:
         """() for a plain comment, (-1,) for '# EOF', else (slot, family name, value, keyword)."""
         n = len(line)
         i = _skip_ws(line, p + 1, n)
@@ -422,8 +432,8 @@ class Builder:
             self.error(n_lines, b"", 0, "missing '# EOF' at the end of an OpenMetrics exposition (truncated body?)")
 
 
-def parse_raw(data: bytes, om: bool, strict: bool, max_errors: int, source: str | None,
-              memo: Optional[Dict[bytes, tuple]] = None) -> RawScrape:
+def parse_raw(data: bytes | bytearray | memoryview, om: bool, strict: bool, max_errors: int, source: str | None,
+              memo: Optional[Memo] = None) -> RawScrape:
     """Parse a whole body (see the module docstring); the pure-Python implementation.
 
     ``memo`` (a dict owned by the caller, reused across calls) remembers parsed label blocks.

@@ -53,7 +53,7 @@ class Secret:
     def __bool__(self) -> bool:
         return bool(self._value)
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[type[Secret], tuple[str]]:
         return (Secret, (self._value,))
 
 

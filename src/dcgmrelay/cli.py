@@ -166,7 +166,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             rows += [[_entity_label(e), e.uuid or ""] + [_fmt(v) for v in m.values[i]]
                      for i, e in enumerate(m.entities)]
         _table(rows, out)
-        if kept is not None:
+        if spec is not None:  # what kept was computed from
             out.write(f"\n(parenthesised fields are not in {spec.source}: the relay drops them)\n")
     other = int((scrape.entity_ids < 0).sum())
     if other:

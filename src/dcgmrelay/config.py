@@ -236,7 +236,7 @@ class ConfigError(DcgmRelayError, ValueError):
         lines += [f"  {p}" for p in self.problems]
         return "\n".join(lines)
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> Tuple[Callable[..., ConfigError], Tuple[List[ConfigProblem], Optional[str]]]:
         return (_rebuild_config_error, (self.problems, self.source))
 
 
@@ -249,7 +249,7 @@ def _rebuild_config_error(problems: List[ConfigProblem], source: Optional[str]) 
 _Mark = Optional[Tuple[int, int]]
 
 
-class _Map(dict):  # type: ignore[type-arg]
+class _Map(Dict[Any, Any]):
     """A YAML mapping that remembers where its keys and values are (and, after a
     WhatapAgent translation, the original path of each value)."""
 
@@ -263,7 +263,7 @@ class _Map(dict):  # type: ignore[type-arg]
         self.dups: List[Tuple[Any, _Mark]] = []
 
 
-class _Seq(list):  # type: ignore[type-arg]
+class _Seq(List[Any]):
     def __init__(self, *a: Any) -> None:
         super().__init__(*a)
         self.mark: _Mark = None
@@ -510,13 +510,13 @@ class _V:
 
 
 def _child_path(container: Any, path: str, key: Any) -> str:
-    origins = getattr(container, "origins", None)
-    if origins:
-        if isinstance(container, list):
-            if isinstance(key, int) and key < len(origins) and origins[key]:
-                return origins[key]  # type: ignore[no-any-return]
-        elif key in origins:
-            return origins[key]  # type: ignore[no-any-return]
+    if isinstance(container, _Seq):
+        if isinstance(key, int) and key < len(container.origins):
+            origin = container.origins[key]
+            if origin:
+                return origin
+    elif isinstance(container, _Map) and key in container.origins:
+        return container.origins[key]
     return _join(path, key)
 
 
@@ -568,7 +568,8 @@ class _M:
 
     def name(self, k: str) -> str:
         """The key as the user wrote it (the WhatapAgent spelling of a translated key)."""
-        return getattr(self.data, "key_names", {}).get(k, self.keys.get(k, k))  # type: ignore[no-any-return]
+        written = self.data.key_names.get(k) if isinstance(self.data, _Map) else None
+        return written if written is not None else str(self.keys.get(k, k))
 
     def has(self, k: str) -> bool:
         return k in self.keys and self.data[self.keys[k]] is not None
@@ -1260,11 +1261,11 @@ class _Native:
         profiles = builtin_profiles()
         if csv in profiles:
             return csv
-        resolved = self.path_of(csv)
+        resolved: str = self.path_of(csv)  # a str for a str
         if not os.path.isfile(resolved):
             self.v.err(path, f"no collectors CSV file {resolved!r} and not a built-in profile "
                        f"({', '.join(profiles)})", mark)
-        return resolved  # type: ignore[no-any-return]
+        return resolved
 
     # -- targets ------------------------------------------------------------------------------
     def target(self, x: Any, path: str, mark: _Mark, gi: float, gt: float) -> Any:
@@ -1959,9 +1960,9 @@ class _WA:
             if "address" in e:
                 addr, ap, am = self.node(e, "address", path)
                 port = e.get("port")
-                if isinstance(addr, str) and port is not None and isinstance(port, (int, str)) \
-                        and str(port).isdigit() and _HOST_PORT_RE.match(addr.strip()) \
-                        and _HOST_PORT_RE.match(addr.strip()).group(2) is None:  # type: ignore[union-attr]
+                hp = _HOST_PORT_RE.match(addr.strip()) if isinstance(addr, str) else None
+                if port is not None and isinstance(port, (int, str)) and str(port).isdigit() \
+                        and hp is not None and hp.group(2) is None:
                     addr = f"{addr.strip()}:{port}"
                 elif port is not None:
                     self.copy(out, e, path, "port", "port")  # the native layer says where the port goes

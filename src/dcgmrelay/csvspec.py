@@ -51,7 +51,8 @@ from __future__ import annotations
 import os
 import warnings
 from importlib import resources
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, TypeVar,
+                    Union, cast)
 
 import numpy as np
 import numpy.typing as npt
@@ -268,22 +269,26 @@ class MetricSpec:
         return np.take(self._metric_table, _id_array(field_ids, len(self._metric_table)), mode="clip")
 
 
-def _frozen(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+_Array = TypeVar("_Array", bound="npt.NDArray[Any]")
+
+
+def _frozen(a: _Array) -> _Array:
     a.setflags(write=False)
     return a
 
 
-def _id_array(field_ids: IdArray, table_size: int) -> npt.NDArray[Any]:
+def _id_array(field_ids: IdArray, table_size: int) -> npt.NDArray[np.integer[Any]]:
     """Field ids as an integer array np.take(mode="clip") can index a table of ``table_size`` with."""
     ids = np.asarray(field_ids)
     if ids.dtype.kind == "u" and ids.dtype.itemsize >= np.dtype(np.intp).itemsize:
         # uint64 -> intp would wrap huge ids to negatives; clip them first.
-        return np.minimum(ids, table_size).astype(np.intp)
+        clipped: npt.NDArray[np.unsignedinteger[Any]] = np.minimum(ids, table_size)
+        return clipped.astype(np.intp)
     if ids.dtype.kind not in "iu":
         if ids.size == 0:  # np.asarray([]) is float64
             return ids.astype(np.intp)
         raise TypeError(f"field ids must be an integer array, got dtype {ids.dtype}")
-    return ids
+    return cast("npt.NDArray[np.integer[Any]]", ids)  # an integer dtype: checked above
 
 
 def _lookup_id(field: Union[int, str, "np.integer[Any]"]) -> Optional[int]:

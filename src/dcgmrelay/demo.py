@@ -13,11 +13,11 @@ import contextlib
 import math
 import sys
 import time
-from typing import Dict, List, Optional, TextIO
+from typing import Dict, List, Optional, TextIO, Tuple
 
 from . import config as _config
 from .app import RelayApp, configure_logging
-from .receiver import CompactReceiver
+from .receiver import CompactReceiver, ReceivedSample
 from .simulate import ExporterServer, SimulatedNode
 
 __all__ = ["gpu_table", "run_demo"]
@@ -35,10 +35,10 @@ _COLUMNS = [
 ]
 
 
-def gpu_table(samples: List[tuple]) -> str:
+def gpu_table(samples: List[ReceivedSample]) -> str:
     """The per-GPU table from a collector's latest samples ``(target, name, labels, value, ts)``."""
     rows: Dict[str, Dict[str, float]] = {}
-    info: Dict[str, tuple] = {}
+    info: Dict[str, Tuple[str, str]] = {}  # gpu -> (model, pod)
     for _target, name, labels, value, _ts in samples:
         gpu = labels.get("gpu")
         if gpu is None:
@@ -57,10 +57,10 @@ def gpu_table(samples: List[tuple]) -> str:
     return "\n".join(lines)
 
 
-def _latest(rx: CompactReceiver) -> List[tuple]:
+def _latest(rx: CompactReceiver) -> List[ReceivedSample]:
     """The newest value of each series the collector holds; counter deltas (a column of the
     compact format) appear as ``<name>_delta``."""
-    newest: Dict[tuple, tuple] = {}
+    newest: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], ReceivedSample] = {}
     for b in list(rx.batches):
         for nid, lid, v, d, ts in zip(b.name_ids.tolist(), b.labelset_ids.tolist(), b.values.tolist(),
                                       b.deltas.tolist(), b.timestamps.tolist()):

@@ -100,10 +100,11 @@ import struct
 import sys
 import zlib
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 import cramjam
 import numpy as np
+import numpy.typing as npt
 
 from . import fields as _fields
 from ._version import __version__
@@ -132,19 +133,46 @@ __all__ = [
 
 NO_EXTENSIONS = bool(os.environ.get("DCGMRELAY_NO_EXTENSIONS")) or sys.implementation.name != "cpython"
 
-if NO_EXTENSIONS:
-    from . import _encode_py as _default_impl
-else:
-    try:
-        from . import _encode as _default_impl  # type: ignore[no-redef]
-    except ImportError:  # pragma: no cover - a source checkout without a build
-        from . import _encode_py as _default_impl  # type: ignore[no-redef]
+if TYPE_CHECKING:
+    from ._encode_py import F64, I64, U32, Bytes
+    from .scrape import Entity
+
+
+class _Loops(Protocol):
+    """What both loop modules (``_encode`` and ``_encode_py``) provide."""
+
+    IMPLEMENTATION: str
+
+    def format_float(self, v: float) -> str: ...
+    def gather(self, buf: Bytes, off: I64, idx: I64) -> bytes: ...
+    def rw1_body(self, lab_buf: Bytes, lab_off: I64, sids: I64, values: F64, ts: I64, tail: bytes) -> bytes: ...
+    def rw2_refs(self, lab_off: I64, refs: U32, out_off: I64) -> bytes: ...
+    def rw2_body(self, head: bytes, pre_buf: Bytes, pre_off: I64, suf_buf: Bytes, suf_off: I64, ser_suf: I64,
+                 sids: I64, values: F64, ts: I64, start: I64) -> bytes: ...
+    def text_body(self, pre_buf: Bytes, pre_off: I64, hdr_buf: Bytes, hdr_off: I64, ser_group: I64, order: I64,
+                  sids: I64, values: F64, ts: I64, ts_mode: int, tail: bytes) -> bytes: ...
+
+
+def _native_or_py() -> _Loops:
+    if not NO_EXTENSIONS:
+        try:
+            from . import _encode
+
+            return _encode
+        except ImportError:  # pragma: no cover - a source checkout without a build
+            pass
+    from . import _encode_py
+
+    return _encode_py
+
+
+_default_impl = _native_or_py()
 
 #: ``"c"`` when the native loops are in use, ``"py"`` for the pure-Python twin.
 IMPLEMENTATION: str = _default_impl.IMPLEMENTATION
 
 
-def _impl_module(implementation: Optional[str]) -> Any:
+def _impl_module(implementation: Optional[str]) -> _Loops:
     if implementation is None:
         return _default_impl
     if implementation == "py":
@@ -152,7 +180,7 @@ def _impl_module(implementation: Optional[str]) -> Any:
 
         return _encode_py
     if implementation == "c":
-        from . import _encode  # type: ignore[attr-defined]  # ImportError when not built
+        from . import _encode  # ImportError when not built
 
         return _encode
     raise ValueError(f"implementation must be 'c', 'py' or None, not {implementation!r}")
@@ -207,6 +235,9 @@ DEFAULT_MAX_SERIES = 1 << 18
 _EMPTY_I64 = np.empty(0, dtype=np.int64)
 _LabelSet = Tuple[Tuple[str, str], ...]
 _Family = Tuple[str, Optional[str], Optional[str]]
+#: rw2 per-series pieces: labels_refs bytes, their offsets, metadata bytes per name, their
+#: offsets, name per series.
+_Rw2Pieces = Tuple[bytes, npt.NDArray[np.int64], bytes, npt.NDArray[np.int64], npt.NDArray[np.int64]]
 
 
 # ------------------------------------------------------------------------------------------
@@ -296,15 +327,15 @@ def _insert_sorted(sk: np.ndarray, sv: np.ndarray, keys: np.ndarray, ids: np.nda
     return sk[order], sv[order]
 
 
-def _i64(a: Any) -> np.ndarray:
+def _i64(a: npt.ArrayLike) -> npt.NDArray[np.int64]:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
-def _f64(a: Any) -> np.ndarray:
+def _f64(a: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return np.ascontiguousarray(a, dtype=np.float64)
 
 
-def _canon_nan(values: np.ndarray) -> np.ndarray:
+def _canon_nan(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Every NaN as Prometheus' normal NaN (never the stale pattern)."""
     nan = np.isnan(values)
     if not nan.any():
@@ -314,7 +345,7 @@ def _canon_nan(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _stale_values(n: int) -> np.ndarray:
+def _stale_values(n: int) -> npt.NDArray[np.float64]:
     return np.full(n, STALE_NAN_BITS, dtype=np.int64).view(np.float64)
 
 
@@ -412,7 +443,7 @@ class _Table:
     work is per distinct label set, name and label pair, never per series or sample.
     """
 
-    def __init__(self, fmt: str, impl: Any) -> None:
+    def __init__(self, fmt: str, impl: _Loops) -> None:
         self.fmt = fmt
         self.impl = impl
         self.names: List[str] = []
@@ -430,15 +461,15 @@ class _Table:
         self._sv = _EMPTY_I64  # their series ids
         self.fam_version = 0
         # per-batch caches
-        self._c_names: Any = None
+        self._c_names: Optional[Sequence[str]] = None
         self._c_nmap = _EMPTY_I64
         self._c_dmap: Optional[np.ndarray] = None
-        self._c_ls: Any = None
+        self._c_ls: Optional[Sequence[_LabelSet]] = None
         self._c_lmap = _EMPTY_I64
-        self._c_sid_key: Any = None
+        self._c_sid_key: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = None
         self._c_sids = _EMPTY_I64
-        self._c_order: Any = None
-        self._c_unique: Any = None
+        self._c_order: Optional[Tuple[np.ndarray, Optional[np.ndarray]]] = None
+        self._c_unique: Optional[Tuple[np.ndarray, bool]] = None
         # pieces and per-series bytes (rw2: int64 string ids as bytes)
         self.pieces = _Pieces()
         self.name_pid = _Grow(np.int64)
@@ -454,7 +485,8 @@ class _Table:
         # name-level caches (metadata / headers), rebuilt on change
         self._meta_cache: Dict[int, bytes] = {}
         self._hdr: Optional[Tuple[bytes, np.ndarray]] = None
-        self.rw2_cache: Any = None
+        # (table key, series ids, (symbols, pieces)) of the last rw2 body
+        self.rw2_cache: Optional[Tuple[Tuple[int, int, int], np.ndarray, Tuple[bytes, _Rw2Pieces]]] = None
 
     def __len__(self) -> int:
         return len(self.ser_name)
@@ -727,7 +759,7 @@ class _Table:
         return _utf8("".join(lines))
 
     # -- rw2 symbol layout ----------------------------------------------------------------
-    def rw2_layout(self, used: np.ndarray, with_meta: bool) -> Tuple[bytes, Tuple[Any, ...]]:
+    def rw2_layout(self, used: np.ndarray, with_meta: bool) -> Tuple[bytes, _Rw2Pieces]:
         """Symbols of a request whose series are ``used`` (sorted ids), and the per-series
         pieces the body needs: (labels_refs bytes, their offsets, metadata bytes per name,
         their offsets, name per series)."""
@@ -765,11 +797,11 @@ class _Table:
                 m = b""
                 if types[j]:
                     m += b"\x08" + _varint(types[j])
-                h, u = (int(x) for x in local[meta_g[j]])
-                if h:
-                    m += b"\x18" + _varint(h)
-                if u:
-                    m += b"\x20" + _varint(u)
+                h_ref, u_ref = (int(x) for x in local[meta_g[j]])
+                if h_ref:
+                    m += b"\x18" + _varint(h_ref)
+                if u_ref:
+                    m += b"\x20" + _varint(u_ref)
                 suf += _pb_bytes(5, m)
             suf_off.append(len(suf))
         return head, (pre, pre_off, bytes(suf), np.asarray(suf_off, dtype=np.int64), _i64(self.ser_name.view()))
@@ -780,7 +812,17 @@ class _Table:
 
 
 class _Shipped:
-    __slots__ = ("sids", "values", "ts", "start", "stale_sids", "stale_ts", "n_stale")
+    """The samples a batch ships: series ids, values, timestamps (and start timestamps), plus
+    the series to end with a stale marker."""
+
+    __slots__ = ("sids", "values", "ts", "start", "stale_sids", "n_stale")
+
+    sids: npt.NDArray[np.int64]
+    values: npt.NDArray[np.float64]
+    ts: npt.NDArray[np.int64]
+    start: Optional[npt.NDArray[np.int64]]
+    stale_sids: npt.NDArray[np.int64]
+    n_stale: int
 
 
 def _output_of(batch: Any) -> str:
@@ -1167,8 +1209,8 @@ def cumulative_view(batch: Any) -> Any:
         if len(kinds):
             name_kind[np.asarray(batch.name_ids)] = kinds
         for j in np.unique(np.concatenate([np.asarray(batch.name_ids)[idx], stale_n])).tolist():
-            k = int(name_kind[j]) if name_kind[j] >= 0 else _kind_of_name(names[j])
-            if k not in (_K_COUNTER, _K_EVENT):
+            kind = int(name_kind[j]) if name_kind[j] >= 0 else _kind_of_name(names[j])
+            if kind not in (_K_COUNTER, _K_EVENT):
                 continue
             t, h, u = fams.get(names[j], ("untyped", None, None))
             fams[names[j] + _DELTA_SUFFIX] = ("gauge", (h + _DELTA_HELP) if h else _DELTA_HELP.strip(" ()").capitalize(), u)
@@ -1201,7 +1243,7 @@ def merge_batches(batches: Sequence[Any]) -> Any:
         return views[0]
     names: List[str] = []
     labelsets: List[_LabelSet] = []
-    entities: List[Any] = []
+    entities: List[Entity] = []
     fams: Dict[str, _Family] = {}
     cols: Dict[str, List[np.ndarray]] = {k: [] for k in (
         "name_ids", "labelset_ids", "field_ids", "kinds", "entity_ids", "values", "deltas", "resets", "timestamps",
@@ -1325,9 +1367,10 @@ def _zigzag(a: np.ndarray) -> np.ndarray:
     return ((a << 1) ^ (a >> 63)).view(np.uint64)
 
 
-def _unzigzag(u: np.ndarray) -> np.ndarray:
+def _unzigzag(u: np.ndarray) -> npt.NDArray[np.int64]:
     u = u.astype(np.uint64, copy=False)
-    return ((u >> np.uint64(1)).view(np.int64)) ^ -((u & np.uint64(1)).view(np.int64))
+    out: npt.NDArray[np.int64] = ((u >> np.uint64(1)).view(np.int64)) ^ -((u & np.uint64(1)).view(np.int64))
+    return out
 
 
 def _put_ints(out: bytearray, a: np.ndarray) -> None:
@@ -1337,7 +1380,7 @@ def _put_ints(out: bytearray, a: np.ndarray) -> None:
 class _Reader:
     __slots__ = ("buf", "pos", "end")
 
-    def __init__(self, buf: Any, pos: int = 0, end: Optional[int] = None) -> None:
+    def __init__(self, buf: Union[bytes, bytearray, memoryview], pos: int = 0, end: Optional[int] = None) -> None:
         self.buf = buf
         self.pos = pos
         self.end = len(buf) if end is None else end
@@ -1514,7 +1557,11 @@ def _grow_to(a: np.ndarray, n: int, fill: Any) -> np.ndarray:
 _OUTPUT_CODES = {"cumulative": 0, "delta": 1, "both": 2}
 
 
-def _entity_key(e: Any) -> Tuple[Any, ...]:
+#: An entity as the compact format carries it: a :class:`~dcgmrelay.scrape.Entity` or its fields.
+_EntityRow = Tuple[Optional[str], ...]
+
+
+def _entity_key(e: _EntityRow) -> _EntityRow:
     return tuple(e)
 
 
@@ -1534,7 +1581,7 @@ class _CompactEncoder:
         self.names: Dict[str, int] = {}
         self.name_list: List[str] = []
         self.ls: Dict[_LabelSet, int] = {}
-        self.ents: Dict[Tuple[Any, ...], int] = {}
+        self.ents: Dict[_EntityRow, int] = {}
         self.fams: Dict[int, _Family] = {}
         self.n_series = 0
         self._sk = _EMPTY_I64
@@ -1555,13 +1602,13 @@ class _CompactEncoder:
         self.last_unique = True
         self._pending_restart = False
         # per-batch caches
-        self._c_names: Any = None
+        self._c_names: Optional[Sequence[str]] = None
         self._c_nmap = _EMPTY_I64
-        self._c_ls: Any = None
+        self._c_ls: Optional[Sequence[_LabelSet]] = None
         self._c_lmap = _EMPTY_I64
-        self._c_ents: Any = None
+        self._c_ents: Optional[Sequence[_EntityRow]] = None
         self._c_emap = np.full(1, -1, dtype=np.int64)
-        self._c_sid_key: Any = None
+        self._c_sid_key: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = None
         self._c_sids = _EMPTY_I64
         # dictionary entries of the batch being encoded
         self._new_strings: List[str] = []
@@ -1609,7 +1656,7 @@ class _CompactEncoder:
         self._c_ls, self._c_lmap = labelsets, out
         return out
 
-    def _ent_map(self, entities: Sequence[Any]) -> np.ndarray:
+    def _ent_map(self, entities: Sequence[_EntityRow]) -> np.ndarray:
         """Encoder entity id per batch entity, shifted by one (index 0: no entity -> -1)."""
         if entities is self._c_ents or (self._c_ents is not None and entities == self._c_ents):
             return self._c_emap
@@ -1875,22 +1922,22 @@ class DecodedBatch:
     output: str
     names: Tuple[str, ...]
     labelsets: Tuple[_LabelSet, ...]
-    entities: Tuple[Any, ...]
+    entities: Tuple[Entity, ...]
     families: Dict[str, _Family]
-    name_ids: np.ndarray
-    labelset_ids: np.ndarray
-    field_ids: np.ndarray
-    kinds: np.ndarray
-    entity_ids: np.ndarray
-    series_ids: np.ndarray
-    values: np.ndarray
-    deltas: np.ndarray
-    resets: np.ndarray
-    timestamps: np.ndarray
-    start_timestamps: np.ndarray
-    event_counts: np.ndarray
-    stale_name_ids: np.ndarray
-    stale_labelset_ids: np.ndarray
+    name_ids: npt.NDArray[np.int32]
+    labelset_ids: npt.NDArray[np.int32]
+    field_ids: npt.NDArray[np.int32]
+    kinds: npt.NDArray[np.int8]
+    entity_ids: npt.NDArray[np.int32]
+    series_ids: npt.NDArray[np.int64]
+    values: npt.NDArray[np.float64]
+    deltas: npt.NDArray[np.float64]
+    resets: npt.NDArray[np.bool_]
+    timestamps: npt.NDArray[np.int64]
+    start_timestamps: npt.NDArray[np.int64]
+    event_counts: npt.NDArray[np.float64]
+    stale_name_ids: npt.NDArray[np.int32]
+    stale_labelset_ids: npt.NDArray[np.int32]
     stream_id: int
     seq: int
     full: bool
@@ -1936,7 +1983,7 @@ class _Stream:
         self.strings: List[str] = []
         self.names: List[str] = []
         self.labelsets: List[_LabelSet] = []
-        self.entities: List[Any] = []
+        self.entities: List[Entity] = []
         self.families: Dict[int, _Family] = {}
         self.n_series = 0
         self.ser_name = np.zeros(16, dtype=np.int64)
@@ -1954,7 +2001,7 @@ class _Stream:
         self.last_order: Optional[np.ndarray] = None
         self._t_names: Optional[Tuple[str, ...]] = None
         self._t_labelsets: Optional[Tuple[_LabelSet, ...]] = None
-        self._t_entities: Optional[Tuple[Any, ...]] = None
+        self._t_entities: Optional[Tuple[Entity, ...]] = None
         self._t_families: Optional[Dict[str, _Family]] = None
 
     def copy_arrays(self) -> Dict[str, np.ndarray]:
@@ -2314,8 +2361,8 @@ def _decode_payload(raw: bytearray, st: _Stream, full: bool, stream_id: int, seq
     for j, fam in fam_upd:
         st.families[j] = fam
         st._t_families = None
-    for k, v in arrays.items():
-        setattr(st, k, v)
+    for key, a in arrays.items():
+        setattr(st, key, a)
     st.n_series = n_series
     st.last_order = sids
     if st._t_names is None:

@@ -11,6 +11,8 @@ without importing the extension.
 
 from __future__ import annotations
 
+from typing import Callable
+
 __all__ = ["CsvSpecError", "DcgmRelayError", "ParseError", "UnknownFieldError"]
 
 # How much of a long line the caret excerpt shows on each side of the column.
@@ -67,7 +69,7 @@ class ParseError(DcgmRelayError, ValueError):
             msg += f"\n    {text}\n    {' ' * caret}^"
         return msg
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[Callable[..., ParseError], tuple[str, int, int, str | None, str | None]]:
         return (_rebuild_parse_error, (self.reason, self.line, self.column, self.source_line, self.source))
 
 

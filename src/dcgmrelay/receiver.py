@@ -39,13 +39,16 @@ import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import httpx
 
 from .encode import CompactFormatError, DecodedBatch, DecoderState, Encoder, decode_batch, merge_batches
 
-__all__ = ["CompactReceiver"]
+__all__ = ["CompactReceiver", "ReceivedSample"]
+
+#: ``(target, name, labels, value, timestamp_ms)`` of one received sample.
+ReceivedSample = Tuple[Optional[str], str, Dict[str, str], float, int]
 
 logger = logging.getLogger("dcgmrelay.receiver")
 
@@ -160,7 +163,7 @@ class CompactReceiver:
         #: Per target (``None`` for batches without one): its latest batch.
         self.latest: Dict[Optional[str], DecodedBatch] = {}
         #: Responses of the forwarding endpoint: (status, body) per request, last 100.
-        self.forward_responses: Deque[tuple] = deque(maxlen=100)
+        self.forward_responses: Deque[Tuple[int, str]] = deque(maxlen=100)
         self._lock = threading.Lock()
         self._counts: Dict[str, Any] = {
             "batches_received": 0, "samples_received": 0, "stale_received": 0, "bytes_received": 0,
@@ -271,7 +274,7 @@ class CompactReceiver:
         return out
 
     # -- /metrics -------------------------------------------------------------------------
-    def metrics(self, *, openmetrics: bool = False) -> tuple:
+    def metrics(self, *, openmetrics: bool = False) -> Tuple[bytes, Dict[str, str]]:
         """``(body, headers)`` of what ``GET /metrics`` serves."""
         with self._lock:
             latest = [self.latest[k] for k in sorted(self.latest, key=lambda t: (t is None, t or ""))]
@@ -337,9 +340,9 @@ class CompactReceiver:
         with self._lock:
             self._counts["forward_errors"] += 1
 
-    def received_samples(self) -> List[tuple]:
+    def received_samples(self) -> List[ReceivedSample]:
         """``(target, name, labels, value, timestamp_ms)`` of every stored batch, oldest first (tests)."""
-        out = []
+        out: List[ReceivedSample] = []
         with self._lock:
             batches = list(self.batches)
         for b in batches:

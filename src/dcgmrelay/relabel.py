@@ -115,7 +115,7 @@ class RelabelError(DcgmRelayError, ValueError):
     def __str__(self) -> str:
         return "\n".join(f"{p}: {m}" if p else m for p, m in self.problems) or "invalid relabel rules"
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> Tuple[type[RelabelError], Tuple[List[Tuple[str, str]]]]:
         return (RelabelError, (self.problems,))
 
 

@@ -132,9 +132,11 @@ import operator
 import os
 import tempfile
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Literal, Mapping, Optional, Sequence,
+                    Tuple, TypeVar, Union)
 
 import numpy as np
+import numpy.typing as npt
 
 from . import fields as _fields
 from .csvspec import MetricSpec, load_csv
@@ -241,21 +243,21 @@ class RelayBatch:
         output: str,
         names: Tuple[str, ...],
         labelsets: Tuple[LabelSet, ...],
-        name_ids: np.ndarray,
-        labelset_ids: np.ndarray,
-        field_ids: np.ndarray,
-        kinds: np.ndarray,
-        values: np.ndarray,
-        deltas: np.ndarray,
-        resets: np.ndarray,
-        timestamps: np.ndarray,
-        start_timestamps: np.ndarray,
-        event_counts: np.ndarray,
-        stale_name_ids: np.ndarray,
-        stale_labelset_ids: np.ndarray,
+        name_ids: npt.NDArray[np.int32],
+        labelset_ids: npt.NDArray[np.int32],
+        field_ids: npt.NDArray[np.int32],
+        kinds: npt.NDArray[np.int8],
+        values: npt.NDArray[np.float64],
+        deltas: npt.NDArray[np.float64],
+        resets: npt.NDArray[np.bool_],
+        timestamps: npt.NDArray[np.int64],
+        start_timestamps: npt.NDArray[np.int64],
+        event_counts: npt.NDArray[np.float64],
+        stale_name_ids: npt.NDArray[np.int32],
+        stale_labelset_ids: npt.NDArray[np.int32],
         stats: RelayStats,
         families: Callable[[], Dict[str, Tuple[str, Optional[str], Optional[str]]]],
-        entities: Callable[[], Tuple[np.ndarray, Tuple[Entity, ...]]],
+        entities: Callable[[], Tuple[npt.NDArray[np.int32], Tuple[Entity, ...]]],
     ) -> None:
         self.target = target
         self.timestamp_ms = int(timestamp_ms)
@@ -278,7 +280,7 @@ class RelayBatch:
         self._families_fn = families
         self._families: Optional[Dict[str, Tuple[str, Optional[str], Optional[str]]]] = None
         self._entities_fn = entities
-        self._entity_tables: Optional[Tuple[np.ndarray, Tuple[Entity, ...]]] = None
+        self._entity_tables: Optional[Tuple[npt.NDArray[np.int32], Tuple[Entity, ...]]] = None
         self._series_labels: Dict[int, Tuple[List[Tuple[str, str]], int]] = {}
 
     def __len__(self) -> int:
@@ -295,13 +297,13 @@ class RelayBatch:
             self._families = self._families_fn()
         return self._families
 
-    def _entities(self) -> Tuple[np.ndarray, Tuple[Entity, ...]]:
+    def _entities(self) -> Tuple[npt.NDArray[np.int32], Tuple[Entity, ...]]:
         if self._entity_tables is None:
             self._entity_tables = self._entities_fn()
         return self._entity_tables
 
     @property
-    def entity_ids(self) -> np.ndarray:
+    def entity_ids(self) -> npt.NDArray[np.int32]:
         """int32 per sample: index into :attr:`entities`, -1 for samples about no device."""
         return self._entities()[0]
 
@@ -436,7 +438,7 @@ class _Target:
         self.last_tables = (labelsets, out)
         return out
 
-    def stripped(self, pl: np.ndarray, strip: frozenset) -> np.ndarray:
+    def stripped(self, pl: npt.NDArray[np.int64], strip: FrozenSet[str]) -> npt.NDArray[np.int64]:
         """Pids of the label sets ``pl`` without the labels ``strip`` (per new label set)."""
         self.ensure_capacity()
         lut = self.strip_lut
@@ -473,16 +475,17 @@ class _Target:
         self.live2d = np.zeros(cap_n * cap_l, dtype=np.bool_)
         self.live2d[self.cells(live_keys)] = True
 
-    def cells(self, keys: np.ndarray) -> np.ndarray:
-        return (keys >> 32) * self.cap_l + (keys & _LOW32)
+    def cells(self, keys: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        out: npt.NDArray[np.int64] = (keys >> 32) * self.cap_l + (keys & _LOW32)
+        return out
 
-    def live_keys(self) -> np.ndarray:
+    def live_keys(self) -> npt.NDArray[np.int64]:
         """Keys (full label set) of the series present in the last ingest, ascending."""
         if not self.cap_l:
             return _EMPTY_I64
         return self.cell_keys(np.flatnonzero(self.live2d))
 
-    def cell_keys(self, cells: np.ndarray) -> np.ndarray:
+    def cell_keys(self, cells: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         return (cells // self.cap_l) << 32 | (cells % self.cap_l)
 
     # -- series -----------------------------------------------------------------------------
@@ -568,8 +571,11 @@ class _Target:
         return data
 
 
-def _readonly(a: np.ndarray) -> np.ndarray:
-    v = a.view()
+_A = TypeVar("_A", bound="npt.NDArray[Any]")
+
+
+def _readonly(a: _A) -> _A:
+    v: _A = a.view()
     v.flags.writeable = False
     return v
 
@@ -582,6 +588,34 @@ class _Structure:
                  "pname", "plabel", "keep", "label_idx", "counts", "name_ids", "labelset_ids",
                  "field_ids", "kinds", "is_ctr", "not_delta", "any_ctr", "any_delta", "ev_idx",
                  "ev_rows", "pos", "rows")
+
+    # the scrape's shape, as it was when built
+    names: Tuple[str, ...]
+    labelsets: Tuple[LabelSet, ...]
+    name_ids_in: npt.NDArray[np.int32]
+    labelset_ids_in: npt.NDArray[np.int32]
+    codes: npt.NDArray[np.int8]  # per name: _DROP_NOT_IN_SPEC ... _KEEP
+    name_kinds: npt.NDArray[np.int8]
+    pname: npt.NDArray[np.int64]
+    plabel: npt.NDArray[np.int64]
+    # the kept samples: their indices (None: all), label samples, drop counts
+    keep: Optional[npt.NDArray[np.intp]]
+    label_idx: npt.NDArray[np.intp]
+    counts: Tuple[int, int, int]  # not in spec, non-DCGM, label samples
+    # per kept sample (read-only, shared by every batch of this shape)
+    name_ids: npt.NDArray[np.int32]
+    labelset_ids: npt.NDArray[np.int32]
+    field_ids: npt.NDArray[np.int32]
+    kinds: npt.NDArray[np.int8]
+    is_ctr: npt.NDArray[np.bool_]
+    not_delta: npt.NDArray[np.bool_]
+    any_ctr: bool
+    any_delta: bool
+    ev_idx: npt.NDArray[np.intp]
+    ev_rows: npt.NDArray[np.int64]
+    # state rows of the kept samples: a slice while they are rows 0..n-1 in sample order
+    pos: Union[npt.NDArray[np.int64], slice]
+    rows: npt.NDArray[np.int64]
 
     def matches(self, scrape: Scrape, codes: np.ndarray, name_kinds: np.ndarray, pname: np.ndarray,
                 plabel: np.ndarray) -> bool:
@@ -1159,7 +1193,8 @@ class Relay:
             out[name] = (typ, help_, fam.unit)
         return out
 
-    def _entities(self, scrape: Scrape, keep: Optional[np.ndarray]) -> Tuple[np.ndarray, Tuple[Entity, ...]]:
+    def _entities(self, scrape: Scrape, keep: Optional[np.ndarray]
+                  ) -> Tuple[npt.NDArray[np.int32], Tuple[Entity, ...]]:
         ids = scrape.entity_ids
         return (ids if keep is None else ids[keep]).astype(np.int32, copy=False), scrape.entities
 
@@ -1184,7 +1219,7 @@ class Relay:
             arrays[p + "info"] = np.array([t.last_ingest_ms, t.n_live], dtype=np.int64)
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, allow_pickle=False, **arrays)  # numeric arrays only; _read_state refuses pickles
         path = self.state_path
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".relay-state-", suffix=".tmp", dir=directory)

@@ -16,13 +16,15 @@ one series per pod, all with the same entity.
 from __future__ import annotations
 
 from functools import cached_property
-from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Mapping, NamedTuple, Sequence, Union
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Mapping, NamedTuple, Optional,
+                    Sequence, Union)
 
 import numpy as np
+import numpy.typing as npt
 
 from . import fields as _fields
 from ._impl import IMPLEMENTATION, parse_raw
-from ._parser_py import TS_ABSENT, RawScrape
+from ._parser_py import TS_ABSENT, Memo, RawScrape
 from .errors import UnknownFieldError
 
 if TYPE_CHECKING:
@@ -42,6 +44,8 @@ __all__ = [
 
 Format = Literal["prometheus", "openmetrics", "auto"]
 Buffer = Union[bytes, bytearray, memoryview, str]
+#: ``parse_raw`` of either implementation: (body, openmetrics, strict, max_errors, source, memo).
+RawParse = Callable[[Union[bytes, bytearray, memoryview], bool, bool, int, Optional[str], Optional[Memo]], RawScrape]
 
 #: How many rejected lines a lenient parse keeps with their reason (all are counted).
 MAX_ERRORS = 100
@@ -131,11 +135,11 @@ def _entity_of(labels: dict[str, str]) -> Entity | None:
 class GpuMatrix(NamedTuple):
     """A dense entity × field view of a scrape (NaN where an entity lacks a field)."""
 
-    values: np.ndarray  # float64[len(entities), len(field_ids)]
+    values: npt.NDArray[np.float64]  # [len(entities), len(field_ids)]
     entities: tuple[Entity, ...]
-    field_ids: np.ndarray  # int32
+    field_ids: npt.NDArray[np.int32]
 
-    def column(self, field: int | str) -> np.ndarray:
+    def column(self, field: int | str) -> npt.NDArray[np.float64]:
         """The column of one field (id or any of its names)."""
         fid = _field_id(field)
         hits = np.flatnonzero(self.field_ids == fid)
@@ -158,10 +162,10 @@ class Scrape:
     def __init__(self, raw: RawScrape, *, format: str, source: str | None = None) -> None:
         self.format = format
         self.source = source
-        self.values: np.ndarray = np.asarray(raw.values, dtype=np.float64)
-        self.timestamps: np.ndarray = np.asarray(raw.timestamps, dtype=np.int64)
-        self.name_ids: np.ndarray = np.asarray(raw.name_ids, dtype=np.int32)
-        self.labelset_ids: np.ndarray = np.asarray(raw.labelset_ids, dtype=np.int32)
+        self.values: npt.NDArray[np.float64] = np.asarray(raw.values, dtype=np.float64)
+        self.timestamps: npt.NDArray[np.int64] = np.asarray(raw.timestamps, dtype=np.int64)
+        self.name_ids: npt.NDArray[np.int32] = np.asarray(raw.name_ids, dtype=np.int32)
+        self.labelset_ids: npt.NDArray[np.int32] = np.asarray(raw.labelset_ids, dtype=np.int32)
         self.names: tuple[str, ...] = tuple(raw.names)
         self.labelsets: tuple[tuple[tuple[str, str], ...], ...] = tuple(raw.labelsets)
         self.errors: list[SampleError] = [SampleError(*e) for e in raw.errors]
@@ -169,10 +173,10 @@ class Scrape:
         self.n_errors: int = raw.n_errors
         self._families_raw = raw.families
         # One field-table lookup per distinct name, then a vectorised take.
-        self.name_field_ids: np.ndarray = np.fromiter(
+        self.name_field_ids: npt.NDArray[np.int32] = np.fromiter(
             (_fields.id_of(n) for n in self.names), dtype=np.int32, count=len(self.names))
-        self.field_ids: np.ndarray = (self.name_field_ids[self.name_ids] if len(self.name_ids)
-                                      else np.empty(0, dtype=np.int32))
+        self.field_ids: npt.NDArray[np.int32] = (self.name_field_ids[self.name_ids] if len(self.name_ids)
+                                                 else np.empty(0, dtype=np.int32))
 
     # -- sizes and display ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -201,7 +205,7 @@ class Scrape:
         return Family(name, "untyped", None, None)
 
     # -- entities -------------------------------------------------------------------------------
-    def _build_entities(self) -> tuple[tuple[Entity, ...], np.ndarray]:
+    def _build_entities(self) -> tuple[tuple[Entity, ...], npt.NDArray[np.int32]]:
         table: list[Entity] = []
         index: dict[tuple[str | None, ...], int] = {}
         per_labelset = np.full(len(self.labelsets), -1, dtype=np.int32)
@@ -218,7 +222,7 @@ class Scrape:
         return tuple(table), per_labelset
 
     @cached_property
-    def _entity_tables(self) -> tuple[tuple[Entity, ...], np.ndarray]:
+    def _entity_tables(self) -> tuple[tuple[Entity, ...], npt.NDArray[np.int32]]:
         return self._build_entities()
 
     @property
@@ -227,12 +231,12 @@ class Scrape:
         return self._entity_tables[0]
 
     @property
-    def labelset_entity_ids(self) -> np.ndarray:
+    def labelset_entity_ids(self) -> npt.NDArray[np.int32]:
         """int32 per label set: its entity id, -1 if none."""
         return self._entity_tables[1]
 
     @cached_property
-    def entity_ids(self) -> np.ndarray:
+    def entity_ids(self) -> npt.NDArray[np.int32]:
         """int32 per sample: index into :attr:`entities`, -1 for samples about no device."""
         per_ls = self.labelset_entity_ids
         return per_ls[self.labelset_ids] if len(self.labelset_ids) else np.empty(0, dtype=np.int32)
@@ -299,17 +303,17 @@ class Scrape:
         return float(self.values[hits[0]])
 
     # -- transforms (the relay process applies these per scrape) --------------------------------
-    def _replace(self, *, keep: np.ndarray | None = None, name_ids: np.ndarray | None = None,
-                 labelset_ids: np.ndarray | None = None, names: Sequence[str] | None = None,
+    def _replace(self, *, keep: npt.NDArray[np.bool_] | None = None, name_ids: npt.NDArray[np.int32] | None = None,
+                 labelset_ids: npt.NDArray[np.int32] | None = None, names: Sequence[str] | None = None,
                  labelsets: Sequence[tuple[tuple[str, str], ...]] | None = None) -> "Scrape":
-        cols = [self.values, self.timestamps,
-                self.name_ids if name_ids is None else name_ids,
-                self.labelset_ids if labelset_ids is None else labelset_ids]
+        cols: list[npt.NDArray[np.generic]] = [self.values, self.timestamps,
+                                               self.name_ids if name_ids is None else name_ids,
+                                               self.labelset_ids if labelset_ids is None else labelset_ids]
         if keep is not None:
             cols = [c[keep] for c in cols]
         raw = RawScrape(cols[0], cols[1], cols[2], cols[3], list(self.names if names is None else names),
                         list(self.labelsets if labelsets is None else labelsets), self._families_raw,
-                        [tuple(e) for e in self.errors], self.n_errors, 0)
+                        [(e.line, e.column, e.reason) for e in self.errors], self.n_errors, 0)
         return Scrape(raw, format=self.format, source=self.source)
 
     def extended(self, other: "Scrape") -> "Scrape":
@@ -321,7 +325,7 @@ class Scrape:
                         np.concatenate([self.labelset_ids, other.labelset_ids + lo]).astype(np.int32),
                         list(self.names + other.names), list(self.labelsets + other.labelsets),
                         {**other._families_raw, **self._families_raw},
-                        [tuple(e) for e in self.errors], self.n_errors, 0)
+                        [(e.line, e.column, e.reason) for e in self.errors], self.n_errors, 0)
         return Scrape(raw, format=self.format, source=self.source)
 
     def with_labels(self, extra: Mapping[str, str], *, honor_labels: bool = True) -> "Scrape":
@@ -401,7 +405,7 @@ def format_from_content_type(content_type: str | None) -> Format:
     return "auto"
 
 
-def _detect_format(data: memoryview) -> str:
+def _detect_format(data: memoryview) -> Literal["prometheus", "openmetrics"]:
     """OpenMetrics if the body's last non-blank line is ``# EOF``."""
     i = len(data)
     while i > 0 and data[i - 1] in b" \t\r\n":
@@ -423,7 +427,7 @@ def _as_bytes(data: Buffer) -> bytes | bytearray | memoryview:
     raise TypeError(f"parse() takes bytes, bytearray, memoryview or str, not {type(data).__name__}")
 
 
-def _raw_parser(implementation: str | None):  # type: ignore[no-untyped-def]
+def _raw_parser(implementation: str | None) -> RawParse:
     if implementation is None:
         return parse_raw
     if implementation == "py":
@@ -453,7 +457,7 @@ class Parser:
         self.strict = strict
         self.max_errors = max_errors
         self._parse_raw = _raw_parser(implementation)
-        self._memo: dict[bytes, object] = {}
+        self._memo: Memo = {}
 
     def parse(self, data: Buffer, *, source: str | None = None, content_type: str | None = None) -> Scrape:
         """Parse one body. ``content_type`` (the HTTP header) picks the format when this parser's is auto."""

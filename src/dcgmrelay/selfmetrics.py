@@ -10,10 +10,11 @@ stats, each spool's stats) are read at collection time rather than copied.
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Iterable, Mapping, Optional
+from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 __all__ = ["SelfMetrics"]
@@ -22,10 +23,10 @@ __all__ = ["SelfMetrics"]
 class _Callbacks(Collector):
     """Exposes counters that live in other components' stats objects."""
 
-    def __init__(self, collect_fn: Callable[[], Iterable[object]]) -> None:
+    def __init__(self, collect_fn: Callable[[], Iterable[Metric]]) -> None:
         self._fn = collect_fn
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         yield from self._fn()
 
 
@@ -54,14 +55,14 @@ class SelfMetrics:
                                       ["result"], registry=r)
         self.start_time = Gauge("dcgmrelay_start_time_seconds", "When the relay started.", registry=r)
         self.start_time.set(time.time())
-        self._sources: Dict[str, Callable[[], Iterable[object]]] = {}
+        self._sources: Dict[str, Callable[[], Iterable[Metric]]] = {}
         r.register(_Callbacks(self._collect_sources))
 
-    def add_source(self, name: str, fn: Callable[[], Iterable[object]]) -> None:
+    def add_source(self, name: str, fn: Callable[[], Iterable[Metric]]) -> None:
         """Register a function yielding metric families at collection time."""
         self._sources[name] = fn
 
-    def _collect_sources(self):  # type: ignore[no-untyped-def]
+    def _collect_sources(self) -> Iterator[Metric]:
         for fn in list(self._sources.values()):
             yield from fn()
 
@@ -79,7 +80,7 @@ class SelfMetrics:
                 pass
 
 
-def relay_families(stats: Mapping[str, int], series: int):  # type: ignore[no-untyped-def]
+def relay_families(stats: Mapping[str, int], series: int) -> Iterator[Metric]:
     """Metric families for the relay's running stats (``RelayStats.as_dict()``)."""
     samples = CounterMetricFamily("dcgmrelay_samples", "Samples by stage: in (scraped), kept (relayed).",
                                   labels=["stage"])
@@ -109,7 +110,7 @@ def relay_families(stats: Mapping[str, int], series: int):  # type: ignore[no-un
     yield g
 
 
-def output_families(outputs: Mapping[str, Mapping[str, object]]):  # type: ignore[no-untyped-def]
+def output_families(outputs: Mapping[str, Mapping[str, object]]) -> Iterator[Metric]:
     """Metric families from each output's stats dict (name -> stats)."""
     counters = {
         "batches_sent": ("dcgmrelay_output_batches_sent", "Requests delivered."),
@@ -141,7 +142,8 @@ def output_families(outputs: Mapping[str, Mapping[str, object]]):  # type: ignor
     yield inflight
 
 
-def spool_families(spools: Mapping[str, Mapping[str, object]], now: Optional[float] = None):  # type: ignore[no-untyped-def]
+def spool_families(spools: Mapping[str, Mapping[str, Optional[float]]], now: Optional[float] = None
+                   ) -> Iterator[Metric]:
     """Metric families from each spool: records/bytes pending, oldest age, drops."""
     rec = GaugeMetricFamily("dcgmrelay_spool_records", "Records waiting in the spool.", labels=["output"])
     byt = GaugeMetricFamily("dcgmrelay_spool_bytes", "Bytes waiting in the spool.", labels=["output"])
@@ -151,13 +153,13 @@ def spool_families(spools: Mapping[str, Mapping[str, object]], now: Optional[flo
                                "Spooled records lost, by reason (size cap, disk full, corrupt).",
                                labels=["output", "reason"])
     for out, st in spools.items():
-        rec.add_metric([out], st.get("pending_records", 0))
-        byt.add_metric([out], st.get("pending_bytes", 0))
-        age.add_metric([out], st.get("oldest_age_s", 0.0) or 0.0)
-        drop.add_metric([out, "size_cap"], st.get("dropped_records", 0))
-        drop.add_metric([out, "disk_full"], st.get("rejected_records", 0))
-        drop.add_metric([out, "corrupt"], st.get("corrupt_records_skipped", 0))
-        drop.add_metric([out, "torn"], st.get("torn_records_skipped", 0))
+        rec.add_metric([out], st.get("pending_records") or 0)
+        byt.add_metric([out], st.get("pending_bytes") or 0)
+        age.add_metric([out], st.get("oldest_age_s") or 0.0)  # None: nothing pending
+        drop.add_metric([out, "size_cap"], st.get("dropped_records") or 0)
+        drop.add_metric([out, "disk_full"], st.get("rejected_records") or 0)
+        drop.add_metric([out, "corrupt"], st.get("corrupt_records_skipped") or 0)
+        drop.add_metric([out, "torn"], st.get("torn_records_skipped") or 0)
     yield rec
     yield byt
     yield age

@@ -305,6 +305,8 @@ class _Entity:
 
 
 class _Instance(_Entity):
+    gi_id: int
+
     def __init__(self, gpu: _Gpu, gi_id: int, profile: str, fb_total: int, busy: bool) -> None:
         self.gpu = gpu
         self.gi_id = gi_id
@@ -808,6 +810,7 @@ class SimulatedNode:
                     fixed += f',GPU_I_PROFILE="{esc(e.profile or "")}",GPU_I_ID="{e.gi_id}"'
                 if hostname is not None:
                     fixed += f',{host_key}="{esc(hostname)}"'
+                pod_attrs: list[tuple[tuple[str, str], ...]]
                 if e.pods:
                     pod_attrs = [(("container", p.container), ("namespace", p.namespace), ("pod", p.name))
                                  for p in e.pods]
@@ -851,7 +854,9 @@ class SimulatedNode:
             return _ERROR_STRING
         if fam.field.type == "string":
             return ""
-        return self._format(fam.field.type, _GETTERS.get(fid, lambda e: 0)(g))
+        getter: _Getter = _GETTERS.get(fid, lambda e: 0)
+        v = getter(g)
+        return "" if v is None else self._format(fam.field.type, v)  # None: a DCGM blank
 
     def _format(self, ftype: str, v: int | float) -> str:
         # DCGM_FT_INT64 is rendered with %d, DCGM_FT_DOUBLE with %f (gpu_collector.go toString).
@@ -871,7 +876,7 @@ class SimulatedNode:
         for fam in self._families:
             fid = fam.field.id
             ftype = fam.field.type
-            getter = _GETTERS.get(fid, lambda e: 0 if ftype == "int64" else 0.0)
+            getter: _Getter = _GETTERS.get(fid, lambda e: 0 if ftype == "int64" else 0.0)
             skip_mig = fid in _MIG_UNSUPPORTED
             lines: list[str] = []
             prev: _Entity | None = None
@@ -955,7 +960,8 @@ class ExporterServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def _handle(self, method, path, query, headers, body):  # type: ignore[no-untyped-def]
+    async def _handle(self, method: str, path: str, query: Mapping[str, list[str]], headers: Mapping[str, str],
+                      body: bytes) -> tuple[int, dict[str, str], bytes]:
         import gzip
         import time
 
