@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Awaitable, Callable, Mapping, Optional, Tuple
+from typing import Awaitable, Callable, List, Mapping, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 __all__ = ["HttpServer", "Handler", "Response"]
 
 Response = Tuple[int, Mapping[str, str], bytes]
-Handler = Callable[[str, str, Mapping[str, list], Mapping[str, str], bytes], Awaitable[Response]]
+Handler = Callable[[str, str, Mapping[str, List[str]], Mapping[str, str], bytes], Awaitable[Response]]
 
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             409: "Conflict", 413: "Payload Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
@@ -33,7 +33,7 @@ class HttpServer:
         self.host = host
         self.port = port
         self._server: Optional[asyncio.base_events.Server] = None
-        self._conns: set[asyncio.Task] = set()
+        self._conns: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:

@@ -20,10 +20,11 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Dict, Optional, Sequence
+from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Union
 
 import httpx
 
+from ._http_client import LeanTransport, deadline
 from ._version import __version__
 from .scrape import Parser, Scrape
 from .targets import Target
@@ -85,10 +86,14 @@ class Scraper:
         self._client_factory = client_factory
         self.body_limit_bytes = body_limit_bytes
         self._clock = clock
-        self._tasks: Dict[str, asyncio.Task] = {}
+        self._tasks: Dict[str, asyncio.Task[None]] = {}
         self._targets: Dict[str, Target] = {}
         self._clients: Dict[str, httpx.AsyncClient] = {}
         self._shared: Optional[httpx.AsyncClient] = None
+        # Plain http:// targets without auth or TLS settings (the common exporter) skip
+        # httpx's client layer: one lean keep-alive transport, one request built per target.
+        self._lean: Optional[LeanTransport] = None
+        self._requests: Dict[str, httpx.Request] = {}
 
     @property
     def targets(self) -> list[Target]:
@@ -116,6 +121,7 @@ class Scraper:
                     or wanted[key].interval_s != self._targets[key].interval_s:
                 self._tasks.pop(key).cancel()
                 self._targets.pop(key)
+                self._requests.pop(key, None)
                 client = self._clients.pop(key, None)
                 if client is not None:
                     asyncio.ensure_future(client.aclose())
@@ -138,9 +144,12 @@ class Scraper:
             await asyncio.wait(tasks, timeout=timeout_s)
         self._tasks.clear()
         self._targets.clear()
-        clients = list(self._clients.values()) + ([self._shared] if self._shared else [])
+        self._requests.clear()
+        clients: List[Union[httpx.AsyncClient, LeanTransport]] = [*self._clients.values()]
+        clients += [c for c in (self._shared, self._lean) if c is not None]
         self._clients.clear()
         self._shared = None
+        self._lean = None
         if clients:
             closing = [asyncio.ensure_future(c.aclose()) for c in clients]
             done, pending = await asyncio.wait(closing, timeout=timeout_s)
@@ -182,7 +191,8 @@ class Scraper:
         status = None
         size = 0
         try:
-            body, status, ctype = await asyncio.wait_for(self._fetch(target), timeout=target.timeout_s)
+            async with deadline(target.timeout_s):
+                body, status, ctype = await self._fetch(target)
             size = len(body)
             if status != 200:
                 raise _Failed(f"HTTP {status}: {body[:120].decode('utf-8', 'replace').strip()}")
@@ -198,21 +208,50 @@ class Scraper:
             err = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         return ScrapeResult(target, ts_ms, time.perf_counter() - t0, None, err, status, size)
 
+    def _lean_request(self, target: Target) -> Optional[httpx.Request]:
+        """The request to send to ``target`` through the lean transport, built once; None
+        when the target needs httpx's client (TLS, auth)."""
+        req = self._requests.get(target.key)
+        if req is None:
+            if target.auth or target.tls or not target.url.lower().startswith("http://"):
+                return None
+            params = {k: list(v) for k, v in target.params.items()} if target.params else None
+            t = target.timeout_s
+            req = httpx.Request("GET", target.url, params=params, headers={
+                "Accept": ACCEPT, "Accept-Encoding": "gzip", "User-Agent": USER_AGENT,
+                "X-Prometheus-Scrape-Timeout-Seconds": f"{t:g}"},
+                extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}})
+            self._requests[target.key] = req
+        return req
+
     async def _fetch(self, target: Target) -> tuple[bytes, int, Optional[str]]:
+        req = self._lean_request(target)
+        if req is not None:
+            if self._lean is None:
+                self._lean = LeanTransport(max_idle_per_host=4)
+            resp = await self._lean.handle_async_request(req)
+            try:
+                return await self._read(resp), resp.status_code, resp.headers.get("content-type")
+            finally:
+                await resp.aclose()
         client = self._client(target)
         headers = {"Accept": ACCEPT, "User-Agent": USER_AGENT,
                    "X-Prometheus-Scrape-Timeout-Seconds": f"{target.timeout_s:g}"}
         params = {k: list(v) for k, v in target.params.items()} if target.params else None
         async with client.stream("GET", target.url, headers=headers, params=params,
                                  timeout=target.timeout_s) as resp:
-            chunks = []
-            total = 0
-            async for chunk in resp.aiter_bytes():
-                total += len(chunk)
-                if total > self.body_limit_bytes:
-                    raise _BodyTooLarge()
-                chunks.append(chunk)
-            return b"".join(chunks), resp.status_code, resp.headers.get("content-type")
+            return await self._read(resp), resp.status_code, resp.headers.get("content-type")
+
+    async def _read(self, resp: httpx.Response) -> bytes:
+        # chunk by chunk, after content decoding: a gzip bomb is cut at the limit too
+        chunks = []
+        total = 0
+        async for chunk in resp.aiter_bytes():
+            total += len(chunk)
+            if total > self.body_limit_bytes:
+                raise _BodyTooLarge()
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class _Failed(Exception):

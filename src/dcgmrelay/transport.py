@@ -197,6 +197,7 @@ from typing import (
 
 import httpx
 
+from ._http_client import LeanTransport
 from ._version import __version__
 from ._secret import Secret
 from .errors import DcgmRelayError
@@ -1227,14 +1228,52 @@ class Sender(_SenderBase):
                  sleep: Optional[Callable[[float], Awaitable[None]]] = None, **kw: Any) -> None:
         super().__init__(url, **kw)
         self._sleep = sleep or asyncio.sleep
-        self._client = httpx.AsyncClient(transport=transport, **self._kwargs)
+        # Plain http:// (the usual in-cluster collector) goes through the lean transport
+        # without httpx's client layer: one request object per POST, nothing else per send.
+        # TLS, proxies and injected transports (tests) keep httpx's client.
+        self._lean: Optional[LeanTransport] = None
+        self._client: Optional[httpx.AsyncClient] = None
+        if transport is None and self.url.lower().startswith("http://") and "event_hooks" not in self._kwargs:
+            self._lean = LeanTransport(max_idle_per_host=self._kwargs["limits"].max_keepalive_connections or 1)
+            t = self._kwargs["timeout"]
+            self._lean_timeout = {"connect": t.connect, "read": t.read, "write": t.write, "pool": t.pool}
+            self._lean_headers = list(self._kwargs["headers"].raw)
+        else:
+            self._client = httpx.AsyncClient(transport=transport, **self._kwargs)
 
     async def _post(self, body: bytes, headers: _Headers) -> httpx.Response:
         self.stats.attempts += 1
         try:  # the one place httpx is called
+            if self._lean is not None:
+                return await self._post_lean(body, headers)
+            assert self._client is not None
             return await self._client.post(self.url, content=body, headers=headers)
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
             raise self._map(exc) from exc
+
+    async def _post_lean(self, body: bytes, headers: _Headers) -> httpx.Response:
+        assert self._lean is not None
+        hdrs = httpx.Headers(self._lean_headers)
+        hdrs.update(headers)
+        request = httpx.Request("POST", self.url, headers=hdrs, content=body,
+                                extensions={"timeout": self._lean_timeout})
+        if self._auth is None:
+            response = await self._lean.handle_async_request(request)
+        else:  # httpx's auth protocol, as its client runs it
+            flow = self._auth.async_auth_flow(request)
+            request = await flow.__anext__()
+            while True:
+                response = await self._lean.handle_async_request(request)
+                if self._auth.requires_response_body:
+                    await response.aread()
+                try:
+                    request = await flow.asend(response)
+                except StopAsyncIteration:
+                    break
+                await response.aclose()
+        response.request = request
+        await response.aread()
+        return response
 
     async def send(self, body: bytes, headers: Optional[_Headers] = None, *, samples: int = 0,
                    max_attempts: Optional[int] = None) -> SendResult:
@@ -1255,7 +1294,10 @@ class Sender(_SenderBase):
             await self._sleep(delay)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+        if self._lean is not None:
+            await self._lean.aclose()
 
     async def __aenter__(self) -> "Sender":
         return self
@@ -2057,7 +2099,11 @@ class Output:
             # so it is re-encoded self-contained: a fresh stream with full dictionaries.
             try:
                 enc = _Encoder(self._factory(b.fmt))
-                out = enc.one(b.pieces[0].batch) if len(b.pieces) == 1 else enc.many([p.batch for p in b.pieces])
+                if len(b.pieces) == 1:
+                    out = enc.one(b.pieces[0].batch)
+                else:
+                    assert enc.many is not None  # only encoders with `many` merge pieces into one body
+                    out = enc.many([p.batch for p in b.pieces])
                 body, headers = compress_body(bytes(out[0]), out[1], self.compression)
             except Exception as exc:  # keep the original body: better a 409 on replay than a loss now
                 self._once.log(("spool_reencode", type(exc).__name__), logging.WARNING,
