@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -31,6 +32,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
+
 from . import config as _config
 from ._http import HttpServer
 from ._version import __version__
@@ -38,7 +41,8 @@ from .csvspec import load_csv
 from .encode import Encoder
 from .relabel import RelabelRules, compile_rules
 from .relay import Relay, RelayBatch
-from .scrape import parse
+from ._parser_py import TS_ABSENT, RawScrape
+from .scrape import Scrape
 from .scraper import Scraper, ScrapeResult
 from .selfmetrics import SelfMetrics, output_families, relay_families, spool_families
 from .spool import Spool
@@ -112,10 +116,11 @@ class _OutputSlot:
                                fsync_interval_s=spool_cfg.fsync_interval, name=oc.name)
         fmt, fallback = output_format(oc)
         compression = oc.compression if fmt in ("prometheus", "openmetrics") and oc.compression == "gzip" else None
+        def encoder(f: str, _meta: bool = oc.send_metadata, _c: Optional[str] = compression) -> Encoder:
+            return Encoder(f, send_metadata=_meta, compression=_c if f in ("prometheus", "openmetrics") else None)
+
         self.output = Output(
-            oc.name, oc.url, fmt,
-            lambda f, _meta=oc.send_metadata, _c=compression: Encoder(
-                f, send_metadata=_meta, compression=_c if f in ("prometheus", "openmetrics") else None),
+            oc.name, oc.url, fmt, encoder,
             auth=_output_auth(oc), tls=_tls_map(oc.tls), headers=dict(oc.headers), timeout_s=oc.timeout,
             max_samples_per_batch=oc.max_samples_per_batch, max_bytes_per_batch=oc.max_bytes_per_batch,
             flush_interval_s=oc.flush_interval, max_in_flight=oc.max_in_flight,
@@ -155,14 +160,17 @@ class RelayApp:
         self.scraper = Scraper(self._on_result, client_factory=self._scrape_client)
         self._sources: List[TargetSource] = []
         self._source_targets: Dict[int, List[Target]] = {}
-        self._source_tasks: List[asyncio.Task] = []
+        self._source_tasks: List[asyncio.Task[None]] = []
         self._relabel: Dict[str, RelabelRules] = {}
         self._down: set[str] = set()
         self._logged_errors: Dict[str, str] = {}
+        # per target: the label sets with the target's labels, reused while the exporter's
+        # label sets stay the same (Scrape.with_labels' memo)
+        self._label_memo: Dict[str, Dict[str, Any]] = {}
         self._stop = asyncio.Event()
         self._ready = False
         self._server: Optional[HttpServer] = None
-        self._replay_task: Optional[asyncio.Task] = None
+        self._replay_task: Optional[asyncio.Task[None]] = None
         self.batches_submitted = 0
         self.metrics.add_source("relay", lambda: relay_families(self.relay.stats.as_dict(), self.relay.series_count()))
         self.metrics.add_source("outputs", lambda: output_families(
@@ -293,6 +301,9 @@ class RelayApp:
             self.relay.forget(key)
             self.metrics.forget_target(key)
             self._relabel.pop(key, None)
+            self._label_memo.pop(key, None)
+            self._logged_errors.pop(key, None)
+            self._down.discard(key)
         self.metrics.targets.labels("all").set(len(all_targets))
         if started or stopped:
             logger.info("targets: %d (+%d, -%d)", len(all_targets), started, stopped)
@@ -336,7 +347,10 @@ class RelayApp:
                     self._logged_errors[key] = first.reason
                     logger.warning("%s: %d line(s) rejected, first at line %d, column %d: %s", key,
                                    scrape.n_errors, first.line, first.column, first.reason)
-            scrape = scrape.with_labels(labels)
+            memo = self._label_memo.get(key)
+            if memo is None:
+                memo = self._label_memo[key] = {}
+            scrape = scrape.with_labels(labels, memo=memo)
             rules = self._rules(r.target)
             if rules is not None:
                 scrape = scrape.relabeled(rules)
@@ -346,7 +360,7 @@ class RelayApp:
             logger.warning("%s: scrape failed: %s", key, r.error)
         # The health series travel in the same batch (one request per scrape). A failed scrape
         # sends only them: every other series of the target is then absent and goes stale.
-        health = parse(_health_body(labels, r, scraped, post))
+        health = _health_scrape(labels, r, scraped, post)
         batch = self.relay.ingest(health if scrape is None else scrape.extended(health), target=key,
                                   timestamp_ms=r.timestamp_ms)
         m.relay_seconds.inc(time.perf_counter() - t0)
@@ -420,13 +434,21 @@ class RelayApp:
 HEALTH_SERIES = ("up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling")
 
 
-def _health_body(labels: Mapping[str, str], r: ScrapeResult, scraped: int, post: int) -> bytes:
-    """Prometheus' synthetic per-target series, as text (parsed like any scrape)."""
-    from .encode import escape_label_value
+_HEALTH_NAMES = ["up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling"]
+_HEALTH_IDS = np.arange(4, dtype=np.int32)
+_HEALTH_LS = np.zeros(4, dtype=np.int32)
+_HEALTH_TS = np.full(4, TS_ABSENT, dtype=np.int64)
 
-    block = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in sorted(labels.items()))
-    return (f"up{{{block}}} {1 if r.up else 0}\n"
-            f"scrape_duration_seconds{{{block}}} {r.duration_s!r}\n"
-            f"scrape_samples_scraped{{{block}}} {scraped}\n"
-            f"scrape_samples_post_metric_relabeling{{{block}}} {post}\n").encode()
 
+@functools.lru_cache(maxsize=4096)
+def _health_labelset(items: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[str, str], ...]:
+    return tuple(sorted(items))
+
+
+def _health_scrape(labels: Mapping[str, str], r: ScrapeResult, scraped: int, post: int) -> Scrape:
+    """Prometheus' synthetic per-target series (untyped, the target's labels): the tables are
+    the same every scrape, only the four values are new."""
+    values = np.array([1.0 if r.up else 0.0, r.duration_s, scraped, post], dtype=np.float64)
+    raw = RawScrape(values, _HEALTH_TS, _HEALTH_IDS, _HEALTH_LS, _HEALTH_NAMES,
+                    [_health_labelset(tuple(labels.items()))], {}, [], 0, 0)
+    return Scrape(raw, format="prometheus")

@@ -328,14 +328,22 @@ class Scrape:
                         [(e.line, e.column, e.reason) for e in self.errors], self.n_errors, 0)
         return Scrape(raw, format=self.format, source=self.source)
 
-    def with_labels(self, extra: Mapping[str, str], *, honor_labels: bool = True) -> "Scrape":
+    def with_labels(self, extra: Mapping[str, str], *, honor_labels: bool = True,
+                    memo: dict[str, Any] | None = None) -> "Scrape":
         """The scrape with ``extra`` labels (a target's ``job``, ``instance``, ``pod`` ...) added to
         every label set; per label set, not per sample. With ``honor_labels`` (the default) a
         label the exporter sent wins; otherwise the exporter's is renamed ``exported_<name>``, as
-        Prometheus does."""
+        Prometheus does.
+
+        ``memo``: a dict kept by the caller per target; when this scrape has the same label
+        sets as the previous one (the steady state: a reused :class:`Parser` hands back the
+        same tuples), the previous result is reused instead of rebuilt."""
         if not extra:
             return self
         extra_items = tuple(extra.items())
+        if memo is not None and memo.get("extra") == (extra_items, honor_labels) \
+                and memo.get("src") == self.labelsets:  # identical tuples: compared by identity, in C
+            return self._replace(labelsets=memo["out"])
         out = []
         for pairs in self.labelsets:
             have = dict(pairs)
@@ -344,6 +352,8 @@ class Scrape:
             else:
                 renamed = tuple((f"exported_{k}" if k in extra else k, v) for k, v in pairs)
                 out.append(renamed + extra_items)
+        if memo is not None:
+            memo.update(extra=(extra_items, honor_labels), src=self.labelsets, out=out)
         return self._replace(labelsets=out)
 
     def relabeled(self, rules: "RelabelRules") -> "Scrape":
