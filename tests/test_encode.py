@@ -401,9 +401,34 @@ def test_format_names_and_errors() -> None:
 # Remote write 1.0
 
 
+def test_rw1_metadata_once_per_interval_and_for_new_families() -> None:
+    now = [1000.0]
+    enc = Encoder("remote-write-1", metadata_interval_s=60, clock=lambda: now[0])
+    batches = relay_batches("cumulative", times=(600, 615, 630, 645), events=True)
+    first = batches[0]
+    shipped = {dict(k)["__name__"] for k, _, _, _ in expected_samples(first)}
+    assert rw1_decode(enc.encode(first)[0])[1].keys() == shipped
+    now[0] += 15
+    body = enc.encode(batches[1])[0]
+    samples, meta, _ = rw1_decode(body)
+    assert samples and meta == {}  # the same families, inside the interval: samples only
+    # a family the encoder has not described yet gets its metadata at once, alone
+    extra = dcgmrelay.parse(b"# TYPE extra_total counter\n# HELP extra_total An extra one.\n"
+                            b"extra_total{gpu=\"0\"} 5\n")
+    relay = Relay("default", include_non_dcgm=True)
+    relay.ingest(extra, target="x", timestamp_ms=1)
+    eb = relay.ingest(extra, target="x", timestamp_ms=2)
+    assert set(rw1_decode(enc.encode(eb)[0])[1]) == {"extra_total"}
+    now[0] += 60  # the interval has passed: everything in the request is described again
+    assert set(rw1_decode(enc.encode(batches[2])[0])[1]) == {
+        dict(k)["__name__"] for k, _, _, _ in expected_samples(batches[2])}
+    with pytest.raises(ValueError):
+        Encoder("remote-write-1", metadata_interval_s=-1)
+
+
 @pytest.mark.parametrize("output", ["cumulative", "delta", "both"])
 def test_rw1_every_label_value_timestamp(output: str) -> None:
-    enc = Encoder("remote-write-1")
+    enc = Encoder("remote-write-1", metadata_interval_s=0)  # metadata in every request
     for b in relay_batches(output, times=(600, 615, 630, 645, 660), events=True):
         body, _ = enc.encode(b)
         got, meta, _ = rw1_decode(body)
@@ -701,8 +726,9 @@ def test_selector_honours_no_extensions() -> None:
 @pytest.mark.parametrize("fmt", ["remote-write-1", "remote-write-2", "prometheus"])
 def test_stateful_encoder_equals_fresh(fmt: str) -> None:
     """Caching across batches changes nothing that is sent (remote write: the order of the
-    series and of the symbols may differ, they follow the encoder's interning order)."""
-    enc = Encoder(fmt, max_series=300)  # small: the cache is dropped and rebuilt on the way
+    series and of the symbols may differ, they follow the encoder's interning order).
+    Remote write 1.0 metadata is sent once per interval by a reused encoder: interval 0 here."""
+    enc = Encoder(fmt, max_series=300, metadata_interval_s=0)  # small: the cache is dropped and rebuilt
     for b in relay_batches("both", times=(600, 615, 630, 645, 660), events=True):
         body = enc.encode(b)[0]
         fresh = encode(b, fmt)[0]
@@ -1198,7 +1224,7 @@ def test_encode_many_rw1_is_the_concatenation_of_single_requests():
     relay = dcgmrelay.Relay("default")
     batches = [relay.ingest(dcgmrelay.parse(SimulatedNode(4, seed=i).render(0)), target=f"t{i}", timestamp_ms=1000)
                for i in range(3)]
-    body, headers, n = Encoder("remote-write-1").encode_many(batches)
+    body, headers, n = Encoder("remote-write-1", metadata_interval_s=0).encode_many(batches)
     singles = [cramjam.snappy.decompress_raw(Encoder("remote-write-1").encode(b)[0]) for b in batches]
     assert bytes(cramjam.snappy.decompress_raw(body)) == b"".join(bytes(s) for s in singles)
     assert n == sum(len(b) for b in batches) and headers["Content-Encoding"] == "snappy"

@@ -93,11 +93,13 @@ An encoder is not thread-safe; use one per sender.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import re
 import secrets
 import struct
 import sys
+import time
 import zlib
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
@@ -846,12 +848,17 @@ class Encoder:
     ``max_series``: bound of the per-series cache (and of the compact dictionaries).
     ``implementation``: ``"c"`` or ``"py"`` to force the native or pure loops.
     ``user_agent``: the ``User-Agent`` header.
+    ``metadata_interval_s``: remote write 1.0 carries a family's metadata in the first request
+    that has the family and then again once per interval (as Prometheus' ``metadata_config
+    send_interval``, 1 min), not in every request: receivers keep it, and at one node it
+    would otherwise be a good part of every request. 0 sends it every time.
     """
 
     def __init__(self, fmt: str, *, send_metadata: bool = True, timestamps: bool = True,
                  compression: Optional[str] = None, level: Optional[int] = None,
                  max_series: int = DEFAULT_MAX_SERIES, implementation: Optional[str] = None,
-                 user_agent: Optional[str] = None) -> None:
+                 user_agent: Optional[str] = None, metadata_interval_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         try:
             self.fmt = FORMATS[fmt]
         except KeyError:
@@ -863,6 +870,10 @@ class Encoder:
         if max_series < 1:
             raise ValueError("max_series must be >= 1")
         self.send_metadata = bool(send_metadata)
+        if not metadata_interval_s >= 0:
+            raise ValueError(f"metadata_interval_s must be >= 0, not {metadata_interval_s!r}")
+        self.metadata_interval_s = float(metadata_interval_s)
+        self._clock = clock
         self.timestamps = bool(timestamps)
         # Requests can carry several batches only where the format concatenates (remote write
         # 1.0); the transport merges queued batches when this is set.
@@ -904,6 +915,29 @@ class Encoder:
                                             max_series=self.max_series)
         else:
             self._table = _Table(self.fmt, self._impl)
+        # remote write 1.0 metadata: which of the table's names had it since _md_at
+        self._md_sent: npt.NDArray[np.bool_] = np.zeros(0, dtype=np.bool_)
+        self._md_table: Optional[_Table] = None
+        self._md_at = -math.inf
+
+    def _rw1_metadata(self, tbl: "_Table", sids: npt.NDArray[np.int64]) -> bytes:
+        """The metadata entries this request carries: families of its series that have not had
+        theirs sent since the interval began (all of them when it begins again)."""
+        if not self.send_metadata or not len(sids):
+            return b""
+        now = self._clock()
+        if self._md_table is not tbl or now - self._md_at >= self.metadata_interval_s:
+            self._md_table, self._md_at = tbl, now
+            self._md_sent = np.zeros(len(tbl.names), dtype=np.bool_)
+        elif len(self._md_sent) < len(tbl.names):
+            self._md_sent = np.concatenate([self._md_sent, np.zeros(len(tbl.names) - len(self._md_sent), np.bool_)])
+        mark = np.zeros(len(tbl.names), dtype=np.bool_)
+        mark[tbl.ser_name.view()[sids]] = True
+        mark &= ~self._md_sent
+        if not mark.any():
+            return b""
+        self._md_sent |= mark
+        return tbl.rw1_metadata(np.flatnonzero(mark))
 
     def reset_dictionaries(self) -> None:
         """Compact: the next batch carries full dictionaries under a new stream id (the answer
@@ -1042,11 +1076,7 @@ class Encoder:
         assert tbl is not None
         sh = self._ship(batch, stale=True, starts=False)
         sids, vals, ts, _ = self._grouped(sh, batch)
-        tail = b""
-        if self.send_metadata and len(sids):
-            mark = np.zeros(len(tbl.names), dtype=bool)
-            mark[tbl.ser_name.view()[sids]] = True
-            tail = tbl.rw1_metadata(np.flatnonzero(mark))
+        tail = self._rw1_metadata(tbl, sids)
         raw = self._impl.rw1_body(tbl.buf, tbl.off.view(), sids, vals, ts, tail)
         return bytes(cramjam.snappy.compress_raw(raw)), len(sids)
 
@@ -1055,11 +1085,7 @@ class Encoder:
         assert tbl is not None
         sh = self._ship(batch, stale=True, starts=False)
         sids, vals, ts, _ = self._grouped(sh, batch)
-        tail = b""
-        if self.send_metadata and len(sids):
-            mark = np.zeros(len(tbl.names), dtype=bool)
-            mark[tbl.ser_name.view()[sids]] = True
-            tail = tbl.rw1_metadata(np.flatnonzero(mark))
+        tail = self._rw1_metadata(tbl, sids)
         return bytes(self._impl.rw1_body(tbl.buf, tbl.off.view(), sids, vals, ts, tail)), len(sids)
 
     def _encode_many_rw1(self, batches: Sequence[Any]) -> Tuple[bytes, Dict[str, str], int]:
