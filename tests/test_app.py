@@ -355,7 +355,9 @@ def test_kill_9_and_restart_loses_nothing(tmp_path):
         assert dup <= 2, per_ts
         times = sorted(per_ts)
         gaps = [b - a for a, b in zip(times, times[1:])]
-        assert max(gaps) < 2500, gaps  # no scrape interval missing except the restart itself
+        # no scrape interval missing except across the restart itself (whose length is the
+        # process start-up time: not asserted, it depends on the machine's load)
+        assert len([g for g in gaps if g > 750]) <= 1, gaps
     finally:
         ctl["done"] = True
         exp.kill()
