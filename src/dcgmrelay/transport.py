@@ -197,7 +197,7 @@ from typing import (
 
 import httpx
 
-from ._http_client import LeanTransport
+from ._http_client import LeanTransport, deadline
 from ._version import __version__
 from ._secret import Secret
 from .errors import DcgmRelayError
@@ -1890,8 +1890,9 @@ class Output:
                 timeout = oldest + self.flush_interval_s - time.monotonic()
                 if timeout <= 0:
                     return
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            try:  # a deadline on this task, not wait_for's extra task per wait
+                async with deadline(timeout):
+                    await self._wake.wait()
             except asyncio.TimeoutError:
                 pass
 
