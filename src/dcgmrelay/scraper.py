@@ -224,7 +224,7 @@ class Scraper:
             self._requests[target.key] = req
         return req
 
-    async def _fetch(self, target: Target) -> tuple[bytes, int, Optional[str]]:
+    async def _fetch(self, target: Target) -> tuple[Union[bytes, bytearray], int, Optional[str]]:
         req = self._lean_request(target)
         if req is not None:
             if self._lean is None:
@@ -242,16 +242,27 @@ class Scraper:
                                  timeout=target.timeout_s) as resp:
             return await self._read(resp), resp.status_code, resp.headers.get("content-type")
 
-    async def _read(self, resp: httpx.Response) -> bytes:
-        # chunk by chunk, after content decoding: a gzip bomb is cut at the limit too
-        chunks = []
+    async def _read(self, resp: httpx.Response) -> Union[bytes, bytearray]:
+        # chunk by chunk, after content decoding: a gzip bomb is cut at the limit too. Chunks
+        # go into one growing buffer (not a list joined at the end), so a large page is held
+        # about once rather than twice at the peak.
+        first: Optional[bytes] = None
+        buf: Optional[bytearray] = None
         total = 0
         async for chunk in resp.aiter_bytes():
             total += len(chunk)
             if total > self.body_limit_bytes:
                 raise _BodyTooLarge()
-            chunks.append(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if first is None:
+                first = chunk
+            elif buf is None:
+                buf = bytearray(first)
+                buf += chunk
+            else:
+                buf += chunk
+        if buf is not None:
+            return buf
+        return first if first is not None else b""
 
 
 class _Failed(Exception):
