@@ -47,7 +47,7 @@ from .scraper import Scraper, ScrapeResult
 from .selfmetrics import SelfMetrics, output_families, relay_families, spool_families
 from .spool import Spool
 from .targets import StaticTargets, Target, TargetSource, shard_targets
-from .transport import Output, RetryPolicy, build_client_kwargs, spool_hook_for
+from .transport import Output, RetryPolicy, WriteAheadQueue, build_client_kwargs, spool_hook_for
 
 __all__ = ["RelayApp", "configure_logging", "output_format"]
 
@@ -129,8 +129,21 @@ class _OutputSlot:
             spool_hook=spool_hook_for(self.spool) if self.spool is not None else None,
             fallback_fmt=fallback,
         )
+        # With a spool, a stateless format is queued write-ahead: on disk before it is sent,
+        # delivered in order (WriteAheadQueue). The others use the spool as an overflow.
+        self.wal: Optional[WriteAheadQueue] = None
+        if self.spool is not None and fmt in WriteAheadQueue.FORMATS:
+            self.wal = WriteAheadQueue(self.output, self.spool)
+
+    async def submit(self, batch: RelayBatch) -> None:
+        if self.wal is not None:
+            await self.wal.submit(batch)
+        else:
+            await self.output.submit(batch)
 
     async def aclose(self, timeout_s: float) -> None:
+        if self.wal is not None:
+            await self.wal.aclose(timeout_s)
         await self.output.aclose(timeout_s)
         if self.spool is not None:
             self.spool.close()
@@ -371,14 +384,17 @@ class RelayApp:
             return
         self.batches_submitted += 1
         for slot in list(self.outputs.values()):
-            await slot.output.submit(batch)
+            await slot.submit(batch)
 
     async def _replay_loop(self) -> None:
         """Drain each output's spool, oldest first, whenever that output can deliver again."""
         while True:
             await asyncio.sleep(1.0)
             for slot in list(self.outputs.values()):
-                if slot.spool is not None and len(slot.spool):
+                if slot.wal is not None:
+                    if len(slot.wal.spool):
+                        slot.wal.kick()  # it delivers on its own; this wakes it for a past run's records
+                elif slot.spool is not None and len(slot.spool):
                     try:
                         res = await slot.output.replay_spool(slot.spool, max_attempts=1)
                     except Exception as e:  # never let replay kill the process

@@ -163,6 +163,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import email.utils
 import gzip
@@ -195,6 +196,7 @@ from typing import (
     Union,
 )
 
+import cramjam
 import httpx
 
 from ._http_client import LeanTransport, deadline
@@ -1076,6 +1078,10 @@ class _OnceLogger:
                 self._seen.add(key)
             log.log(level, msg, *args)
 
+    def forget(self, key: Any) -> None:
+        """Log ``key``'s next occurrence again (the condition ended: a collector came back)."""
+        self._seen.discard(key)
+
 
 class _SenderBase:
     """What :class:`Sender` and :class:`SyncSender` share: client settings, response
@@ -1564,6 +1570,8 @@ class OutputStats:
     #: The collector is considered down (a retry budget was exhausted, no success since).
     down: bool = False
     fallback_active: bool = False
+    #: Write-ahead outputs: batches sent from memory because the spool could not take them.
+    wal_bypassed: int = 0
     fmt: str = ""
 
     def as_dict(self) -> Dict[str, Any]:
@@ -2129,6 +2137,171 @@ async def _aiter(records: Union[Iterable[Any], AsyncIterable[Any]]) -> Any:
     else:
         for r in records:
             yield r
+
+
+class WriteAheadQueue:
+    """An output whose spool is its queue: every batch is encoded and appended to the spool
+    before anything is sent, and acknowledged there once the collector took it.
+
+    Why: a batch held only in memory (buffered for ``flush_interval``, in flight, or being
+    retried within the retry budget) is lost when the process is killed; and batches sent
+    live while older ones wait in the spool reach the collector out of order, which
+    Prometheus refuses (400 "out of order"). Here one loop delivers the spool oldest first,
+    so after ``kill -9`` nothing whose ``append`` returned is lost (an append is a write
+    into the page cache; see the spool's fsync policies for power loss), duplicates are at
+    most the one request in flight (plus any the collector stored but did not answer in
+    time), and delivery stays in order through any outage.
+
+    For formats that are stateless on the wire (remote write 1.0, the text formats);
+    remote write 2.0 (whose 415 fallback re-encodes batches) and the compact format (a
+    stream with dictionaries) keep :class:`Output`'s in-memory path with the spool as an
+    overflow. Consecutive remote write 1.0 records are merged into one request up to
+    ``max_samples_per_batch`` (a WriteRequest is a run of repeated fields, so the
+    uncompressed bodies concatenate).
+    """
+
+    #: Formats whose bodies can wait on disk and be sent in any later request as they are.
+    FORMATS = ("remote-write-1", "prometheus", "openmetrics")
+
+    def __init__(self, output: "Output", spool: Any, *, retry_pause_s: float = 1.0,
+                 max_records: int = 256) -> None:
+        if output.fmt not in self.FORMATS:
+            raise TransportConfigError(f"output {output.name}: {output.fmt} cannot be queued write-ahead")
+        self.output = output
+        self.spool = spool
+        self.retry_pause_s = float(retry_pause_s)
+        self.max_records = int(max_records)
+        self._encoder = _Encoder(output._factory(output.fmt))
+        self._wake: Optional[asyncio.Event] = None
+        self._task: Optional["asyncio.Task[None]"] = None
+        self._merge = output.fmt == "remote-write-1"
+
+    def _start(self) -> asyncio.Event:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+            self._task = asyncio.ensure_future(self._run())
+        return self._wake
+
+    async def submit(self, batch: Any) -> None:
+        """Encode ``batch`` and append it to the spool; the delivery loop sends it. When the
+        spool cannot take it (disk full, a record over the cap) the batch goes the
+        in-memory way instead, so a full disk costs durability, not data."""
+        wake = self._start()
+        out = self.output
+        if batch_units(batch) == 0:
+            return
+        out.stats.batches_submitted += 1
+        for piece in split_batch(batch, out.max_samples_per_batch):
+            units = batch_units(piece)
+            try:
+                res = self._encoder.one(piece)
+                body, headers = compress_body(bytes(res[0]), res[1], out.compression)
+                samples = int(res[2]) if len(res) > 2 else units
+            except Exception as exc:
+                out._once.log(("encode_error", type(exc).__name__), logging.ERROR,
+                              "output %s: encoding %d samples as %s failed: %s: %s", out.name, units, out.fmt,
+                              type(exc).__name__, exc)
+                out._drop("encode_error", units)
+                continue
+            try:
+                self.spool.append(body, meta=spool_meta(headers, samples))
+                out.stats.spooled_batches += 1
+                out.stats.spooled_samples += samples
+                out.stats.spooled_by_reason["write_ahead"] = out.stats.spooled_by_reason.get("write_ahead", 0) + 1
+            except Exception as exc:  # SpoolFullError (ENOSPC, over the cap) or a closed spool
+                out._once.log(("wal_append", type(exc).__name__), logging.WARNING,
+                              "output %s: the spool cannot take a batch (%s); sending it from memory",
+                              out.name, exc)
+                out.stats.wal_bypassed += 1
+                await out.submit(piece)
+        wake.set()
+
+    def _next_request(self) -> Tuple[Optional[bytes], Dict[str, str], int, int, int]:
+        """(body, headers, samples, records, last seq) of the next request: the oldest
+        record, merged with the ones after it where the format allows."""
+        recs = self.spool.peek(max_records=self.max_records if self._merge else 1)
+        if not recs:
+            return None, {}, 0, 0, 0
+        body, headers, samples = _record_fields(recs[0])
+        last = recs[0].seq
+        if not self._merge or len(recs) == 1 or headers.get("content-encoding") != "snappy":
+            return body, headers, samples, 1, last
+        raws = [bytes(cramjam.snappy.decompress_raw(body))]
+        n = 1
+        for rec in recs[1:]:
+            b, h, k = _record_fields(rec)
+            if h != headers or samples + k > self.output.max_samples_per_batch:
+                break
+            raws.append(bytes(cramjam.snappy.decompress_raw(b)))
+            samples += k
+            last = rec.seq
+            n += 1
+        if n == 1:
+            return body, headers, samples, 1, last
+        return bytes(cramjam.snappy.compress_raw(b"".join(raws))), headers, samples, n, last
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        out = self.output
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                try:
+                    body, headers, samples, n, last = self._next_request()
+                except Exception as exc:  # a spool read error: logged once, tried again later
+                    out._once.log(("wal_read", type(exc).__name__), logging.ERROR,
+                                  "output %s: reading the spool failed: %s", out.name, exc)
+                    break
+                if body is None:
+                    break
+                out.stats.in_flight = 1
+                try:
+                    await out._sender.send(body, headers, samples=samples)
+                except PermanentStatus as err:  # can never succeed: dropped, counted, acked
+                    out._drop(err.reason, samples, err)
+                    out._once.log(("wal_permanent", err.status), logging.ERROR,
+                                  "output %s: %s; %d record(s) dropped", out.name, err, n)
+                except TransportError as err:  # retry budget used up: the records stay on disk
+                    out.stats.last_error = str(err)
+                    out.stats.in_flight = 0
+                    out._once.log(("wal_down",), logging.WARNING,
+                                  "output %s: %s; batches wait in the spool", out.name, err)
+                    await asyncio.sleep(self.retry_pause_s)
+                    continue
+                else:
+                    out._on_sent(body, samples)
+                    out._once.forget(("wal_down",))
+                finally:
+                    out.stats.in_flight = 0
+                    out.stats.retries = out._sender.stats.retries
+                self.spool.ack(last)
+
+    def kick(self) -> None:
+        """Start delivering (e.g. records a previous run left in the spool)."""
+        self._start().set()
+
+    def pending(self) -> int:
+        return len(self.spool)
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Deliver what the spool holds, for at most ``timeout_s``; True when it is empty."""
+        wake = self._start()
+        wake.set()
+        end = time.monotonic() + timeout_s
+        while len(self.spool) and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        return not len(self.spool)
+
+    async def aclose(self, timeout_s: float) -> None:
+        """Try to deliver what is queued within ``timeout_s``, then stop: anything left stays
+        in the spool for the next start (nothing is lost by stopping)."""
+        if self._task is not None:
+            await self.flush(timeout_s)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
 
 
 def spool_meta(headers: Mapping[str, str], samples: int) -> Dict[str, Union[str, int]]:
