@@ -412,3 +412,18 @@ def test_comment_line_equal_to_a_label_block(impl):
     # bytes equal an earlier comment line must not get the comment's parse back.
     s = dcgmrelay.parse(b"# HELP x y\nm{# HELP x y} 1\n", implementation=impl)
     assert s.labelsets == () and tuple(s.errors[0])[:2] == (2, 3) and s.entities == ()
+
+
+@pytest.mark.parametrize("impl", ["py", pytest.param("c", marks=pytest.mark.c_extension)])
+def test_memo_keeps_no_huge_label_blocks_or_comments(impl):
+    # A target sending ever-new 100 KiB label blocks (or HELP lines) must not make a reused
+    # Parser remember them: the memo's bytes stay bounded whatever the target sends.
+    from dcgmrelay._parser_py import MEMO_MAX_KEY
+
+    p = dcgmrelay.Parser(implementation=impl)
+    for i in range(20):
+        pad = b"x" * 100_000
+        s = p.parse(b'# HELP m %d %s\nm{a="%d%s"} 1\nn{gpu="0"} 2\n' % (i, pad, i, pad))
+        assert len(s) == 2 and dict(s.labelsets[s.labelset_ids[0]])["a"].startswith(str(i))
+    assert all(len(k) <= MEMO_MAX_KEY for k in p._memo)
+    assert sum(len(k) for k in p._memo) < 10_000

@@ -2,6 +2,7 @@
 from typing import Optional, Union
 
 from ._parser_py import MEMO_MAX as MEMO_MAX
+from ._parser_py import MEMO_MAX_KEY as MEMO_MAX_KEY
 from ._parser_py import TS_ABSENT as TS_ABSENT
 from ._parser_py import Memo, RawScrape
 

@@ -25,7 +25,7 @@ import gc
 
 import numpy as np
 
-from ._parser_py import MEMO_MAX, TS_ABSENT, Builder, LineError, RawScrape
+from ._parser_py import MEMO_MAX, MEMO_MAX_KEY, TS_ABSENT, Builder, LineError, RawScrape
 
 cdef int64_t C_TS_ABSENT = TS_ABSENT
 
@@ -560,7 +560,7 @@ cdef class _Parser:
             entry = self.memo.get(block) if self.memo is not None else None
             if entry is None:
                 entry = self.parse_block_fast(b + bstart, bend - bstart)
-                if entry is not None and self.memo is not None:
+                if entry is not None and self.memo is not None and bend - bstart <= MEMO_MAX_KEY:
                     self.memo[block] = entry
             if entry is not None:
                 lid = self.register(entry)

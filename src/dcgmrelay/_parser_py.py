@@ -26,7 +26,7 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union, cast
 
 from .errors import ParseError
 
-__all__ = ["MEMO_MAX", "TS_ABSENT", "Builder", "CommentRecord", "LineError", "Memo", "MemoEntry", "RawScrape",
+__all__ = ["MEMO_MAX", "MEMO_MAX_KEY", "TS_ABSENT", "Builder", "CommentRecord", "LineError", "Memo", "MemoEntry", "RawScrape",
            "memo_entry", "parse_raw", "parse_timestamp", "parse_value"]
 
 #: ``Scrape.timestamps`` holds this where a sample has no timestamp (INT64_MIN).
@@ -202,6 +202,9 @@ Memo = Dict[bytes, Union[MemoEntry, CommentRecord]]
 #: A parser's memo of label blocks is cleared when it grows past this many entries, so a
 #: target that sends ever-new label sets cannot grow memory without bound.
 MEMO_MAX = 65536
+#: Label blocks and comment lines longer than this are not remembered: the memo's bytes stay
+#: bounded (MEMO_MAX × this), whatever a hostile target sends. dcgm-exporter's are < 1 KiB.
+MEMO_MAX_KEY = 4096
 
 
 def memo_entry(pairs: list[tuple[str, str]]) -> MemoEntry:
@@ -265,7 +268,7 @@ class Builder:
             entry = cast("Optional[MemoEntry]", self.memo.get(block) if self.memo is not None else None)
             if entry is None:
                 entry = memo_entry(parse_label_block(block))
-                if self.memo is not None:
+                if self.memo is not None and len(block) <= MEMO_MAX_KEY:
                     self.memo[block] = entry
             lid = self._ls_by_block[block] = self.labelset_id(entry)
         return lid
@@ -304,7 +307,7 @@ class Builder:
             except LineError as e:
                 self.error(lineno, line, e.col, e.reason)
                 return
-            if self.memo is not None:
+            if self.memo is not None and len(key) <= MEMO_MAX_KEY:
                 self.memo[key] = rec
         if not rec:
             return  # a plain comment
@@ -429,7 +432,7 @@ class Builder:
 
     def finish(self, n_lines: int) -> None:
         if self.om and not self.eof:
-            self.error(n_lines, b"", 0, "missing '# EOF' at the end of an OpenMetrics exposition (truncated body?)")
+            self.error(max(n_lines, 1), b"", 0, "missing '# EOF' at the end of an OpenMetrics exposition (truncated body?)")
 
 
 def parse_raw(data: bytes | bytearray | memoryview, om: bool, strict: bool, max_errors: int, source: str | None,

@@ -102,7 +102,7 @@ import sys
 import time
 import zlib
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple, Union
 
 import cramjam
 import numpy as np
@@ -740,6 +740,19 @@ class _Table:
             self._hdr = hdr
         return hdr
 
+    def om_counter_clashes(self, used: npt.NDArray[np.intp]) -> Set[int]:
+        """Counters (name indices) among ``used`` whose OpenMetrics family ``x`` (of ``x_total``)
+        is, or has its ``x_created`` sample named like, another name of the body: those are
+        typed unknown under their own name (OpenMetrics forbids the clash)."""
+        text = {self.text_name(self.names[j]) for j in used.tolist()}
+        out: Set[int] = set()
+        for j in used.tolist():
+            tn = self.text_name(self.names[j])
+            if len(tn) > 6 and tn.endswith("_total") and (tn[:-6] in text or tn[:-6] + "_created" in text) \
+                    and self.family(j)[0] == "counter":
+                out.add(j)
+        return out
+
     def _header(self, j: int, name: str, openmetrics: bool, unknown: bool = False) -> bytes:
         t, h, u = self.family(j)
         lines = []
@@ -1160,8 +1173,10 @@ class Encoder:
         unknown: Sequence[int] = ()
         if om and n:
             bad = ~(sh.values >= 0)  # NaN or negative: not an OpenMetrics counter value
+            demote = tbl.om_counter_clashes(uniq)
             if bad.any():
-                unknown = [j for j in set(groups[bad].tolist()) if tbl.family(j)[0] == "counter"]
+                demote.update(groups[bad].tolist())
+            unknown = [j for j in demote if tbl.family(j)[0] == "counter"]
         hdr_buf, hdr_off = tbl.headers(om, self.send_metadata, unknown)
         ts_mode = (2 if om else 1) if self.timestamps else 0
         raw = self._impl.text_body(tbl.buf, tbl.off.view(), hdr_buf, hdr_off, tbl.ser_name.view(), order,
