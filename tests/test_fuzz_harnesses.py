@@ -177,6 +177,7 @@ def test_runner_reports_a_finding(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     found = [p for p in (tmp_path / "findings" / "csv").iterdir() if p.name.startswith("crash-")]
     assert len(found) == 1 and found[0].read_bytes() == b"ka-boom"
     assert "replay:    python " in out and str(found[0]) in out
+    # in tmp_path: the harness saves the failing input as ./exception-<sha1> (not in the checkout)
     replay = subprocess.run([sys.executable, str(tmp_path / "fuzz_csv.py"), str(found[0])], capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=120, cwd=tmp_path)
     assert replay.returncode != 0 and "RuntimeError: a finding" in replay.stdout + replay.stderr

@@ -670,6 +670,7 @@ class Relay:
         if save_every_s < 0:
             raise ValueError("save_every_s must be >= 0")
         self.spec = spec
+        self._last_target_scan_ms = -(2**62)
         self.include_non_dcgm = bool(include_non_dcgm)
         self.first_observation = first_observation
         self.output = output
@@ -1159,9 +1160,13 @@ class Relay:
         evicted = t.evict(cutoff)
         if len(t.labelsets) > 2 * len(t.keys) + 1024:  # label sets of dropped samples only
             t.compact()
-        # Targets not ingested for that long: every series of theirs is gone that long.
-        for name in [k for k, o in self._targets.items() if o is not t and o.last_ingest_ms < cutoff]:
-            evicted += len(self._targets.pop(name))
+        # Targets not ingested for that long: every series of theirs is gone that long. A scan
+        # of every target per scrape would cost O(targets²) per interval, so at most one scan a
+        # second (eviction works in hours; a second late changes nothing).
+        if now - self._last_target_scan_ms >= 1000 or now < self._last_target_scan_ms:
+            self._last_target_scan_ms = now
+            for name in [k for k, o in self._targets.items() if o is not t and o.last_ingest_ms < cutoff]:
+                evicted += len(self._targets.pop(name))
         return evicted
 
     def _families(self, scrape: Scrape, names: Tuple[str, ...], codes: np.ndarray, name_kinds: np.ndarray

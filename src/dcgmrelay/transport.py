@@ -120,7 +120,7 @@ Batching and splitting (:class:`Output`)
   (``asyncio.Semaphore``, shared with :meth:`Output.replay`), and requests carrying
   pieces of the same target are never in flight together, so samples of a series
   leave in timestamp order (remote write requires it).
-* ``max_buffered_samples`` (default 50 x ``max_samples_per_batch``) bounds memory: past
+* ``max_buffered_samples`` (default the larger of 1,000,000 and 50 x ``max_samples_per_batch``) bounds memory: past
   it the oldest pieces are encoded and handed to the spool hook (dropped as
   ``buffer_full`` without one).
 
@@ -1657,7 +1657,9 @@ class Output:
         self.max_bytes_per_batch = int(max_bytes_per_batch)
         self.flush_interval_s = float(flush_interval_s)
         self.max_in_flight = int(max_in_flight)
-        self.max_buffered_samples = int(max_buffered_samples or 50 * self.max_samples_per_batch)
+        # In memory while requests are in flight: enough for a whole interval of many targets
+        # (1,000 8-GPU nodes send 200,000 samples per interval, all at start-up at once).
+        self.max_buffered_samples = int(max_buffered_samples or max(1_000_000, 50 * self.max_samples_per_batch))
         self.compression = compression
         self.fast_fail_when_down = fast_fail_when_down
         self.spool_hook = spool_hook
