@@ -23,10 +23,28 @@ except ImportError:  # pragma: no cover - pure build
     HAVE_C = False
 
 IMPLEMENTATIONS = [
-    pytest.param("c", marks=pytest.mark.skipif(not HAVE_C and os.environ.get("CI") != "true",
-                                               reason="native parser not built")),
+    pytest.param("c", marks=[pytest.mark.c_extension,
+                             pytest.mark.skipif(not HAVE_C and os.environ.get("CI") != "true",
+                                                reason="native parser not built")]),
     "py",
 ]
+
+# Fixtures that start a real server binary: a test using one is an integration test even
+# when its module is not marked, so `-m "not integration"` (the wheel builds' test command,
+# where no such binary exists) deselects exactly these.
+SERVER_FIXTURES = frozenset({"prometheus_server", "victoria_metrics_server", "kube_apiserver"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        # A test run with impl="c" (this file's ``impl`` fixture or a module's own IMPLS
+        # parameter) exercises the native core: the pure install's run deselects it with
+        # `-m "not c_extension"`. Tests of the native core that take no ``impl`` mark themselves.
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("impl") == "c":
+            item.add_marker(pytest.mark.c_extension)
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)
