@@ -14,6 +14,7 @@ RUN pip install --no-cache-dir --upgrade pip \
 FROM python:3.11-slim
 COPY --from=builder /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels dcgmrelay \
+    && python -c "import dcgmrelay; assert dcgmrelay.implementation() == 'c', 'native core not built'" \
     && rm -rf /wheels \
     && groupadd --system --gid 65532 dcgmrelay \
     && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
