@@ -2166,7 +2166,7 @@ class WriteAheadQueue:
     FORMATS = ("remote-write-1", "prometheus", "openmetrics")
 
     def __init__(self, output: "Output", spool: Any, *, retry_pause_s: float = 1.0,
-                 max_records: int = 256) -> None:
+                 max_records: int = 32) -> None:
         if output.fmt not in self.FORMATS:
             raise TransportConfigError(f"output {output.name}: {output.fmt} cannot be queued write-ahead")
         self.output = output
