@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -130,6 +131,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="measured window per run (default 30)")
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--payloads", default="gpu8.prom,gpu1024.prom")
+    ap.add_argument("--relay-args", default="",
+                    help="extra flags for dcgmrelay run, e.g. \"--spool-dir /tmp/spool\" (a write-ahead output)")
     ap.add_argument("--python", default=sys.executable,
                     help="interpreter that runs the relay: e.g. a clean venv where `pip install .` put "
                          "dcgmrelay, to measure what a user gets (default: this one)")
@@ -153,7 +156,7 @@ def main() -> int:
                 ours = measure([args.python, "-m", "dcgmrelay", "run", "--target", url, "--remote-write",
                                 vm.remote_write_url, "--interval", "1s", "--timeout", "1s",
                                 "--include-non-dcgm", "--listen", f"127.0.0.1:{free_port()}",
-                                "--log-level", "warning"],
+                                "--log-level", "warning", *shlex.split(args.relay_args)],
                                "dcgmrelay", port, n, args.warmup, args.seconds)
                 (tmp / "scrape.yml").write_text(textwrap.dedent(f"""
                     scrape_configs:
