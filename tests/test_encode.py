@@ -614,6 +614,24 @@ def test_text_names_outside_the_charset_cannot_forge_lines() -> None:
     assert body.decode().splitlines()[-2].startswith("bad_name___EOF{bad_label_=")
 
 
+@pytest.mark.parametrize("fmt", ["prometheus", "openmetrics"])
+def test_text_label_names_that_meet_once_rewritten_are_written_once(fmt: str) -> None:
+    # Found by fuzz_compact.py: a compact sender may use any string as a label name; `a-b`
+    # and `a.b` are both written `a_b`, and `_-name__` would be `__name__`. A name twice in
+    # one label set makes the exposition invalid, so the first (by original name) keeps it.
+    b = fake_batch([("m", (("a-b", "1"), ("a.b", "2"), ("a_b", "3"), ("_-name__", "4"), ("z", "5")), 1.0, 0)])
+    body, _ = encode(b, fmt)
+    if fmt == "openmetrics":
+        validate_openmetrics(body)
+    scrape = dcgmrelay.parse(body, format="openmetrics" if fmt == "openmetrics" else "prometheus", strict=True)
+    (ls,) = scrape.labelsets
+    names = [k for k, _ in ls]
+    assert len(names) == len(set(names)), ls
+    # OpenMetrics writes a leading `_` as `x_` (`x__name__`); the text format would write
+    # `__name__`, the metric name's own label, so that one is left out there
+    expected = {"a_b": "1", "z": "5"} | ({"x__name__": "4"} if fmt == "openmetrics" else {})
+    assert dict(ls) == expected
+
 def test_text_lines_values_timestamps() -> None:
     b = fake_batch([("g", (), 1e6), ("g2", (("a", "b"),), 0.1), ("g3", (), math.inf), ("g4", (), -math.inf),
                     ("g5", (), math.nan), ("g6", (), -0.0), ("g7", (), 123456789.0)], ts=1_700_000_000_123)

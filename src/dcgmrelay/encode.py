@@ -665,7 +665,18 @@ class _Table:
             before = [g for k, v in pairs if k < "__name__" for g in self._pair(k, v)]
             after = [g for k, v in pairs if k > "__name__" for g in self._pair(k, v)]
             return np.array(before, dtype="<i8").tobytes(), np.array(after, dtype="<i8").tobytes()
-        text = ",".join(self._pair(k, v) for k, v in pairs)
+        # Names the text formats cannot carry are rewritten (`_label_name_text`), so two
+        # names may meet as one (`a-b` and `a.b` both `a_b`), or as `__name__`: the first
+        # keeps it, the others are left out, as `_clean_pairs` does with repeated names --
+        # a label name twice makes the whole exposition invalid.
+        seen = {"__name__"}
+        parts = []
+        for k, v in pairs:
+            t = self.text_label(k)
+            if t not in seen:
+                seen.add(t)
+                parts.append(self._pair(k, v))
+        text = ",".join(parts)
         return (_utf8("{" + text + "}") if text else b""), b""
 
     def gid(self, s: str) -> int:
