@@ -133,11 +133,15 @@ def _consistent(d: DecodedBatch) -> None:
 def _one_kind_per_series(d: DecodedBatch) -> bool:
     """Whether every (name, label set) of the batch has one field id, kind and entity, as in
     any batch the relay makes. A body may list a series twice with different ones; encoders
-    key series by (name, label set), so such a batch re-encodes with the last sample's."""
+    key series by (name, label set), so such a batch re-encodes with the last sample's.
+    Series are compared by value: a body's dictionary may hold one name (or label set,
+    entity) under two ids, and two ids naming the same series are one series."""
     seen: dict = {}
-    for key in zip(d.name_ids.tolist(), d.labelset_ids.tolist(), d.field_ids.tolist(), d.kinds.tolist(),
-                   d.entity_ids.tolist()):
-        if seen.setdefault(key[:2], key[2:]) != key[2:]:
+    names, labelsets, entities = d.names, d.labelsets, d.entities
+    for n, ls, f, k, e in zip(d.name_ids.tolist(), d.labelset_ids.tolist(), d.field_ids.tolist(),
+                              d.kinds.tolist(), d.entity_ids.tolist()):
+        attrs = (f, k, None if e < 0 else entities[e])
+        if seen.setdefault((names[n], labelsets[ls]), attrs) != attrs:
             return False
     return True
 
