@@ -186,3 +186,44 @@ def test_runner_reports_a_finding(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     replay = subprocess.run([sys.executable, str(tmp_path / "fuzz_csv.py"), str(found[0])], capture_output=True,
                             text=True, timeout=120, cwd=tmp_path)
     assert replay.returncode != 0 and "RuntimeError: a finding" in replay.stdout + replay.stderr
+
+
+_COUNTING = '''
+import sys
+from _harness import fuzz
+
+def TestOneInput(data: bytes) -> None:
+    if data.startswith(b"left by an earlier run"):
+        raise RuntimeError("--ci read the kept corpus")
+
+if __name__ == "__main__":
+    fuzz(TestOneInput, sys.argv)
+'''
+
+
+@needs_atheris
+def test_runner_ci_mode_is_seeded_counted_and_ignores_the_kept_corpus(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ci (what CI runs): libFuzzer's seed fixed, a fixed number of inputs, a fixed hash
+    seed, and only the seeds -- not a corpus an earlier long run left in fuzz/corpus/."""
+    import run
+
+    shutil.copy(FUZZ / "_harness.py", tmp_path / "_harness.py")
+    (tmp_path / "fuzz_csv.py").write_text(_COUNTING)
+    kept = tmp_path / "corpus" / "csv"
+    kept.mkdir(parents=True)
+    (kept / "old").write_bytes(b"left by an earlier run")
+    monkeypatch.setattr(run, "FUZZ_DIR", tmp_path)
+    monkeypatch.setitem(run.CI_RUNS, "csv", 300)
+
+    def write(target: str, out_dir: Path) -> int:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "seed").write_bytes(b"a,b\n")
+        return 1
+
+    monkeypatch.setattr(run.make_seeds, "write", write)
+    assert run.main(["csv", "--ci", "--no-dict"]) == 0
+    (log,) = (tmp_path / "findings" / "csv").glob("run-*.log")
+    text = log.read_text()
+    assert f"Seed: {run.CI_SEED}" in text, text[-2000:]
+    assert run._stat(text, "number_of_executed_units") == 300, text[-2000:]
