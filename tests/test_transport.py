@@ -1,6 +1,6 @@
 """Transport unit tests: retry policy, error mapping, auth, secrets, batching, Output
-lifecycle. HTTP is faked with ``httpx.MockTransport``; the real stack is exercised in
-test_transport_faults.py."""
+lifecycle, the write-ahead queue. HTTP is faked with ``httpx.MockTransport``; the real
+stack is exercised in test_transport_faults.py and, for write-ahead outputs, test_faults.py."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ import random
 import ssl
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import httpx
 import numpy as np
 import pytest
 
 from dcgmrelay.errors import DcgmRelayError
+from dcgmrelay.spool import Spool
 from dcgmrelay.transport import (
     BasicAuth,
     BatchSlice,
@@ -42,6 +44,7 @@ from dcgmrelay.transport import (
     TransportConfigError,
     TransportError,
     UnsupportedMediaType,
+    WriteAheadQueue,
     _map_httpx_error,
     build_client_kwargs,
     compress_body,
@@ -1285,3 +1288,79 @@ def test_spool_round_trip_with_the_real_spool(tmp_path: Any) -> None:
     assert sorted(appended) == ["a0000", "b0000", "c0000"]
     assert [b["items"][0] for b in rec.bodies] == appended
     assert all("v2" in h["content-type"] for h in rec.headers)  # headers restored from meta
+
+
+# -- write-ahead outputs (WriteAheadQueue: the spool is the queue) ---------------------------
+
+
+def _wal_output(rec: Any, factory: Any, **kw: Any) -> Output:
+    kw.setdefault("retry", FAST)
+    return Output("wal", URL, "prometheus", factory, transport=httpx.MockTransport(rec), rng=random.Random(0), **kw)
+
+
+def test_write_ahead_bodies_respect_max_bytes_per_batch(tmp_path: Path) -> None:
+    """A write-ahead output encodes the way the in-memory one does: a body over
+    max_bytes_per_batch is split before it is written to the spool."""
+    rec = Recorder()
+
+    async def go() -> Tuple[Output, List[int]]:
+        out = _wal_output(rec, lambda f: FakeEncoder(f, pad=20), max_samples_per_batch=1000, max_bytes_per_batch=700)
+        spool = Spool(tmp_path / "spool", fsync="never")
+        wal = WriteAheadQueue(out, spool)
+        await wal.submit(fake_batch("a", 100))
+        sizes = [len(r.payload) for r in spool.peek(max_records=1000)]
+        assert await wal.flush(10)
+        await wal.aclose(1)
+        spool.close()
+        return out, sizes
+
+    out, sizes = run(go())
+    assert len(sizes) > 3 and max(sizes) <= 700, sizes
+    assert rec.items() == fake_batch("a", 100).items  # all of them, in order, once
+    assert out.stats.byte_splits > 0 and out.stats.samples_sent == 100
+
+
+def test_write_ahead_encode_error_is_counted_and_logged_once(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(FakeEncoder):
+        def encode(self, batch: FakeBatch) -> Any:
+            raise ValueError("cannot encode this")
+
+    rec = Recorder()
+
+    async def go() -> Output:
+        out = _wal_output(rec, Broken)
+        spool = Spool(tmp_path / "spool", fsync="never")
+        wal = WriteAheadQueue(out, spool)
+        await wal.submit(fake_batch("a", 5))
+        await wal.submit(fake_batch("b", 3))
+        assert len(spool) == 0
+        await wal.aclose(1)
+        spool.close()
+        return out
+
+    with caplog.at_level(logging.ERROR, logger="dcgmrelay"):
+        out = run(go())
+    assert out.stats.dropped_samples == {"encode_error": 8}, out.stats.dropped_samples
+    assert sum("cannot encode this" in r.getMessage() for r in caplog.records) == 1
+    assert rec.bodies == []
+
+
+def test_write_ahead_full_spool_sends_from_memory(tmp_path: Path) -> None:
+    """A record the spool cannot take (here: over its size cap) costs durability, not data."""
+    rec = Recorder()
+
+    async def go() -> Output:
+        out = _wal_output(rec, lambda f: FakeEncoder(f, pad=50), flush_interval_s=0.01)
+        spool = Spool(tmp_path / "spool", fsync="never", max_bytes=4096, segment_bytes=4096)
+        wal = WriteAheadQueue(out, spool)
+        await wal.submit(fake_batch("a", 200))  # ~10 kB: over the cap
+        await out.flush()
+        await wal.aclose(1)
+        await out.aclose()
+        spool.close()
+        return out
+
+    out = run(go())
+    assert out.stats.wal_bypassed == 1
+    assert rec.items() == fake_batch("a", 200).items

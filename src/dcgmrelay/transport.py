@@ -1986,18 +1986,21 @@ class Output:
             job.bodies.pop(0)
         job.done = True
 
-    def _encode(self, pieces: List[_Piece]) -> List[_Body]:
+    def _encode(self, pieces: List[_Piece], encoder: Optional["_Encoder"] = None) -> List[_Body]:
         """Encode pieces into bodies no larger than ``max_bytes_per_batch`` (halving and
-        re-encoding when one is larger); an encoder error drops the pieces."""
+        re-encoding when one is larger); an encoder error drops the pieces (counted and
+        logged once). ``encoder``: another encoder of the active format (the write-ahead
+        queue's), else this output's."""
+        enc = encoder or self._encoder
         units = sum(p.units for p in pieces)
         fmt = self._active_fmt
         try:
             if len(pieces) == 1:
-                out = self._encoder.one(pieces[0].batch)
-            elif self._encoder.many is not None:
-                out = self._encoder.many([p.batch for p in pieces])
+                out = enc.one(pieces[0].batch)
+            elif enc.many is not None:
+                out = enc.many([p.batch for p in pieces])
             else:  # not reached by _take_group; merging is impossible without encode_many
-                return [b for p in pieces for b in self._encode([p])]
+                return [b for p in pieces for b in self._encode([p], encoder)]
             body, headers = out[0], out[1]
             samples = int(out[2]) if len(out) > 2 else units
             body, headers = compress_body(bytes(body), headers, self.compression)
@@ -2031,7 +2034,7 @@ class Output:
                                self.name, len(body), type(p.batch).__name__)
                 return [_Body(body, dict(headers), samples, pieces, fmt)]
             halves = [[_Piece(part, batch_units(part), p.target, p.t)] for part in parts]
-        return [b for half in halves for b in self._encode(half)]
+        return [b for half in halves for b in self._encode(half, encoder)]
 
     async def _deliver(self, b: _Body) -> None:
         one_try = 1 if (self.fast_fail_when_down and self.stats.down) else None
@@ -2193,29 +2196,23 @@ class WriteAheadQueue:
         if batch_units(batch) == 0:
             return
         out.stats.batches_submitted += 1
+        now = time.monotonic()
         for piece in split_batch(batch, out.max_samples_per_batch):
-            units = batch_units(piece)
-            try:
-                res = self._encoder.one(piece)
-                body, headers = compress_body(bytes(res[0]), res[1], out.compression)
-                samples = int(res[2]) if len(res) > 2 else units
-            except Exception as exc:
-                out._once.log(("encode_error", type(exc).__name__), logging.ERROR,
-                              "output %s: encoding %d samples as %s failed: %s: %s", out.name, units, out.fmt,
-                              type(exc).__name__, exc)
-                out._drop("encode_error", units)
-                continue
-            try:
-                self.spool.append(body, meta=spool_meta(headers, samples))
-                out.stats.spooled_batches += 1
-                out.stats.spooled_samples += samples
-                out.stats.spooled_by_reason["write_ahead"] = out.stats.spooled_by_reason.get("write_ahead", 0) + 1
-            except Exception as exc:  # SpoolFullError (ENOSPC, over the cap) or a closed spool
-                out._once.log(("wal_append", type(exc).__name__), logging.WARNING,
-                              "output %s: the spool cannot take a batch (%s); sending it from memory",
-                              out.name, exc)
-                out.stats.wal_bypassed += 1
-                await out.submit(piece)
+            # the output's own encoding: max_bytes_per_batch splits, encoder errors dropped
+            # and counted; only the encoder (its metadata schedule) is this queue's
+            for b in out._encode([_Piece(piece, batch_units(piece), None, now)], self._encoder):
+                try:
+                    self.spool.append(b.body, meta=spool_meta(b.headers, b.samples))
+                    out.stats.spooled_batches += 1
+                    out.stats.spooled_samples += b.samples
+                    out.stats.spooled_by_reason["write_ahead"] = out.stats.spooled_by_reason.get("write_ahead", 0) + 1
+                except Exception as exc:  # SpoolFullError (ENOSPC, over the cap) or a closed spool
+                    out._once.log(("wal_append", type(exc).__name__), logging.WARNING,
+                                  "output %s: the spool cannot take a batch (%s); sending it from memory",
+                                  out.name, exc)
+                    out.stats.wal_bypassed += 1
+                    for p in b.pieces:
+                        await out.submit(p.batch)
         wake.set()
 
     def _next_request(self) -> Tuple[Optional[bytes], Dict[str, str], int, int, int]:
