@@ -239,6 +239,79 @@ def test_pod_targets_endpoint_options():
     assert pod_targets(_pod(labels={"app": "other"}), SEED_MON) == []
 
 
+def test_pod_targets_relabel_configs():
+    """relabelConfigs see the target labels and kubernetes_sd's pod meta labels, with
+    Prometheus semantics: keep/drop select targets, replace rewrites labels and the
+    __address__/__scheme__/__metrics_path__/__param_* of the scrape, labelmap copies,
+    labeldrop/labelkeep prune; __* labels go, instance defaults to the address."""
+    rules = [
+        {"source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_part_of"], "regex": "gpu-.*",
+         "action": "keep"},
+        {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "debug", "action": "drop"},
+        {"source_labels": ["__meta_kubernetes_pod_node_name"], "target_label": "gpu_node"},
+        {"regex": "__meta_kubernetes_pod_label_(team)", "action": "labelmap"},
+        {"source_labels": ["__address__"], "regex": "(.+):9400", "replacement": "${1}:9500",
+         "target_label": "__address__"},
+        {"target_label": "__metrics_path__", "replacement": "/v2/metrics"},
+        {"target_label": "__param_collect", "replacement": "gpu"},
+        {"regex": "container", "action": "labeldrop"},
+    ]
+    mon = PodMonitor.from_dict({"name": "m", "relabelConfigs": rules,
+                                "endpoints": [{"port": "metrics"}, {"port": "debug"}]})
+    ports = [{"name": "metrics", "containerPort": 9400}, {"name": "debug", "containerPort": 9401}]
+    labels = {"app.kubernetes.io/part-of": "gpu-telemetry", "team": "ml"}
+    (t,) = pod_targets(_pod(labels=labels, containers=[{"name": "exporter", "ports": ports}]), mon,
+                       check_selector=False)
+    assert t.url == "http://10.0.0.5:9500/v2/metrics" and t.params == {"collect": ["gpu"]}
+    assert dict(t.labels) == {"namespace": "gpu-monitoring", "pod": "dcgm-0", "node": "gpu-node-1", "job": "m",
+                              "endpoint": "metrics", "gpu_node": "gpu-node-1", "team": "ml",
+                              "instance": "10.0.0.5:9500"}
+    # keep: a pod outside the regex gives no target at all
+    assert pod_targets(_pod(labels={"team": "ml"}), mon, check_selector=False) == []
+    # interval and timeout from the rules
+    slow = PodMonitor.from_dict({"name": "m", "endpoints": [{"port": "metrics", "interval": "15s"}], "relabelConfigs": [
+        {"target_label": "__scrape_interval__", "replacement": "1m"},
+        {"target_label": "__scrape_timeout__", "replacement": "20s"}]})
+    (t,) = pod_targets(_pod(), slow, check_selector=False)
+    assert (t.interval_s, t.timeout_s) == (60.0, 20.0)
+
+
+def test_pod_targets_carry_endpoint_auth_tls_and_metric_relabeling():
+    """What a PodMonitor endpoint says about how to scrape reaches every discovered target:
+    the config's basicAuth/authorization/tlsConfig (secrets stay Secret objects) and its
+    metricRelabelConfigs (the relay applies them to the samples)."""
+    from dcgmrelay.config import load_config, pod_monitor_dicts
+    from dcgmrelay.transport import Secret
+
+    cfg = load_config("""
+targets:
+  - name: dcgm
+    type: podmonitor
+    selector: {match_labels: {app: custom-dcgm}}
+    relabel_configs:
+      - {source_labels: [__meta_kubernetes_pod_label_component], target_label: component}
+    endpoints:
+      - port: metrics
+        scheme: https
+        tls: {ca_file: /etc/dcgm/ca.pem, server_name: dcgm.local}
+        basic_auth: {username: relay, password: s3cret}
+        metric_relabel_configs:
+          - {source_labels: [__name__], regex: DCGM_FI_DEV_ECC_.*, action: drop}
+outputs:
+  - {type: remote-write, url: "http://127.0.0.1:8428/api/v1/write"}
+""")
+    (mon,) = [PodMonitor.from_dict(d) for d in pod_monitor_dicts(cfg, env={})]
+    (t,) = pod_targets(_pod(), mon, check_selector=False)
+    assert t.url == "https://10.0.0.5:9400/metrics"
+    assert dict(t.tls) == {"ca_file": "/etc/dcgm/ca.pem", "server_name": "dcgm.local"}
+    user, password = t.auth["basic"]
+    assert user == "relay" and isinstance(password, Secret) and password.reveal() == "s3cret"
+    assert "s3cret" not in repr(t)
+    assert [dict(r) for r in t.metric_relabel] == [
+        {"source_labels": ["__name__"], "regex": "DCGM_FI_DEV_ECC_.*", "action": "drop"}]
+    assert t.labels["component"] == "gpu-exporter"
+
+
 # =========================================================================== unit: credentials
 
 

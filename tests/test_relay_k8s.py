@@ -69,6 +69,62 @@ def test_relay_scrapes_exactly_the_pods_the_podmonitor_selects(kube_apiserver, t
         rx.stop()
 
 
+def test_relay_applies_podmonitor_relabel_and_metric_relabel_configs(kube_apiserver, tmp_path):  # noqa: F811
+    """relabelConfigs choose and label the discovered targets (pod meta labels), an
+    endpoint's metricRelabelConfigs filter what is scraped from each of them."""
+    kube = kube_apiserver
+    ns = f"gpu-{_uid()}"
+    kube.create_namespace(ns)
+    exporters = Exporters()
+    rx = CompactReceiver().start()
+    token = kube.write_token_file(str(tmp_path / "token"))
+    try:
+        for i in range(3):
+            running_pod(kube, exporters, ns, f"dcgm-{i}", {"app": "custom-dcgm", "pool": f"pool-{i}"})
+        conf = tmp_path / "relay.yaml"
+        conf.write_text(textwrap.dedent(f"""
+            global: {{interval: 500ms, timeout: 500ms}}
+            targets:
+              - name: gpu-exporters
+                type: podmonitor
+                namespace_selector: {{match_names: [{ns}]}}
+                selector: {{match_labels: {{app: custom-dcgm}}}}
+                relabel_configs:
+                  - {{source_labels: [__meta_kubernetes_pod_name], regex: dcgm-2, action: drop}}
+                  - {{source_labels: [__meta_kubernetes_pod_label_pool], target_label: gpu_pool}}
+                endpoints:
+                  - port: "9400"
+                    metric_relabel_configs:
+                      - {{source_labels: [pod], regex: dcgm-1, action: drop}}
+            outputs:
+              - {{name: collector, type: compact, url: {rx.compact_url}}}
+            relay: {{include_non_dcgm: true}}
+            kubernetes: {{api_url: {kube.url}, token_file: {token}, ca_file: {kube.ca_file}}}
+            listen: "127.0.0.1:0"
+        """))
+        cfg = C.load_config(str(conf))
+
+        async def main():
+            app = RelayApp(cfg)
+            task = asyncio.create_task(app.run(install_signals=False))
+            await asyncio.sleep(3.0)
+            app.stop()
+            await task
+
+        asyncio.run(main())
+        rx.flush()
+        samples = rx.received_samples()
+        temps = [labels for _t, name, labels, _v, _ts in samples if name == "DCGM_FI_DEV_GPU_TEMP"]
+        ups = {labels.get("pod"): labels for _t, name, labels, _v, _ts in samples if name == "up"}
+        assert {lb["pod"] for lb in temps} == {"dcgm-0"}  # dcgm-1's samples relabelled away
+        assert {lb["gpu_pool"] for lb in temps} == {"pool-0"}
+        assert set(ups) == {"dcgm-0", "dcgm-1"}  # dcgm-2 is no target; dcgm-1 is scraped
+        assert ups["dcgm-1"]["gpu_pool"] == "pool-1"
+    finally:
+        exporters.close()
+        rx.stop()
+
+
 def _targets(n):
     return [Target(f"http://10.{i // 250}.{i % 250}.7:9400/metrics") for i in range(n)]
 

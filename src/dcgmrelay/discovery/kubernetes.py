@@ -57,7 +57,10 @@ Target rules (prometheus-operator ``generatePodMonitorConfig`` + Prometheus
   ``jobLabel``), ``instance`` (``podIP:port``) and ``endpoint`` (the ``port`` as
   written, when set). Labels with an empty value are left out (Prometheus
   semantics: an empty label is an absent label), e.g. ``node`` of an unscheduled
-  pod.
+  pod;
+* ``relabelConfigs`` then choose and rewrite the targets as Prometheus' target
+  relabeling does, with kubernetes_sd's pod meta labels (:func:`pod_targets`);
+  each target carries its endpoint's auth, TLS and ``metricRelabelConfigs``.
 
 Credentials: :class:`KubeCredentials` -- in-cluster (service-account token,
 re-read whenever the file changes, since bound tokens rotate; the cluster CA) or
@@ -100,6 +103,7 @@ from urllib.parse import quote
 
 import httpx
 
+from ..relabel import compile_rules
 from ..targets import Target
 
 __all__ = [
@@ -359,6 +363,12 @@ class PodMetricsEndpoint:
     interval: Optional[float] = None  # seconds; None = the discovery's default
     scrape_timeout: Optional[float] = None  # seconds; None = min(10 s, interval)
     params: Dict[str, List[str]] = field(default_factory=dict)
+    #: What every target of this endpoint is scraped with, in :class:`Target` form (the
+    #: config's ``basic_auth`` / ``authorization`` / ``tls``, secrets as ``Secret``).
+    auth: Dict[str, Any] = field(default_factory=dict)
+    tls: Dict[str, Any] = field(default_factory=dict)
+    #: ``metricRelabelConfigs``: applied to the samples scraped from each target.
+    metric_relabel_configs: List[Mapping[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.port is not None:
@@ -390,6 +400,9 @@ class PodMetricsEndpoint:
             interval=d.get("interval") or default_interval,
             scrape_timeout=d.get("scrapeTimeout", d.get("scrape_timeout")),
             params=dict(d.get("params") or {}),
+            auth=dict(d.get("auth") or {}),
+            tls=dict(d.get("tls") or {}),
+            metric_relabel_configs=list(d.get("metricRelabelConfigs", d.get("metric_relabel_configs")) or []),
         )
 
     def port_rule(self) -> Tuple[str, Union[str, int, None]]:
@@ -419,10 +432,15 @@ class PodMonitor:
     endpoints: List[PodMetricsEndpoint] = field(default_factory=lambda: [PodMetricsEndpoint()])
     #: Pod label whose value becomes ``job`` (``jobLabel``); default: the monitor name.
     job_label: Optional[str] = None
+    #: ``relabelConfigs``: Prometheus target relabeling of every discovered target (see
+    #: :func:`pod_targets` for the labels that go in).
+    relabel_configs: List[Mapping[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("PodMonitor needs a name")
+        self.rules = (compile_rules(list(self.relabel_configs), path=f"{self.name}.relabel_configs")
+                      if self.relabel_configs else None)
         if isinstance(self.namespace_selector, Mapping):
             self.namespace_selector = NamespaceSelector.from_dict(self.namespace_selector)
         if isinstance(self.selector, Mapping):
@@ -460,6 +478,7 @@ class PodMonitor:
             endpoints=[PodMetricsEndpoint.from_dict(e, default_interval=default_interval, default_path=default_path)
                        for e in eps],
             job_label=spec.get("jobLabel") or spec.get("job_label") or None,
+            relabel_configs=list(spec.get("relabelConfigs", spec.get("relabel_configs")) or []),
         )
 
     def namespaces(self) -> List[Optional[str]]:
@@ -515,9 +534,29 @@ def _slim_pod(pod: Mapping[str, Any]) -> Dict[str, Any]:
     }
 
 
+def _label_name(s: str) -> str:
+    """A Kubernetes label key as a Prometheus label name suffix (``app.kubernetes.io/name``
+    -> ``app_kubernetes_io_name``), as kubernetes_sd writes ``__meta_kubernetes_pod_label_*``."""
+    return _NOT_LABEL_CHAR.sub("_", s)
+
+
+_NOT_LABEL_CHAR = re.compile(r"[^a-zA-Z0-9_]")
+
+
 def pod_targets(pod: Mapping[str, Any], monitor: PodMonitor, *, default_interval_s: float = 15.0,
                 check_selector: bool = True) -> List[Target]:
     """The targets one pod gives under one PodMonitor (the rules are in the module docstring).
+
+    With ``relabelConfigs`` each target's label set goes through them first, with
+    Prometheus semantics: in go ``job``, ``__address__``, ``__scheme__``,
+    ``__metrics_path__``, ``__scrape_interval__``, ``__scrape_timeout__``,
+    ``__param_<name>``, the target labels (``namespace``, ``pod``, ``container``,
+    ``node``, ``endpoint``) and kubernetes_sd's pod meta labels
+    (``__meta_kubernetes_namespace``, ``__meta_kubernetes_pod_name``, ``_ip``,
+    ``_node_name``, ``_phase``, ``_label_<name>``, ``_labelpresent_<name>``,
+    ``_container_name``, ``_container_port_name``, ``_container_port_number``); a dropped
+    set gives no target; ``instance`` defaults to ``__address__``; ``__*`` labels go.
+    Each target carries its endpoint's ``auth``, ``tls`` and ``metricRelabelConfigs``.
 
     ``check_selector`` re-checks the monitor's label selector client-side (the
     server already filtered; this is a guard and makes the function usable alone).
@@ -535,13 +574,24 @@ def pod_targets(pod: Mapping[str, Any], monitor: PodMonitor, *, default_interval
     job = monitor.name
     if monitor.job_label and labels.get(monitor.job_label):
         job = labels[monitor.job_label]
+    rules = getattr(monitor, "rules", None)
+    pod_meta: Dict[str, str] = {}
+    if rules is not None:
+        pod_meta = {"__meta_kubernetes_namespace": meta.get("namespace", ""),
+                    "__meta_kubernetes_pod_name": meta.get("name", ""),
+                    "__meta_kubernetes_pod_ip": ip,
+                    "__meta_kubernetes_pod_node_name": spec.get("nodeName") or "",
+                    "__meta_kubernetes_pod_phase": status.get("phase") or ""}
+        for k, v in labels.items():
+            pod_meta[f"__meta_kubernetes_pod_label_{_label_name(str(k))}"] = str(v)
+            pod_meta[f"__meta_kubernetes_pod_labelpresent_{_label_name(str(k))}"] = "true"
     containers = list(spec.get("containers") or []) + list(spec.get("initContainers") or [])
     out: List[Target] = []
     seen = set()
     for ep in monitor.endpoints:
         kind, want = ep.port_rule()
-        interval = ep.interval if ep.interval else default_interval_s
-        timeout = ep.scrape_timeout if ep.scrape_timeout else min(10.0, interval)
+        interval = float(ep.interval if ep.interval else default_interval_s)
+        timeout = float(ep.scrape_timeout if ep.scrape_timeout else min(10.0, interval))
         for c in containers:
             for p in c.get("ports") or []:
                 number = p.get("containerPort")
@@ -551,11 +601,6 @@ def pod_targets(pod: Mapping[str, Any], monitor: PodMonitor, *, default_interval
                     continue
                 if kind == "number" and number != want:
                     continue
-                url = f"{ep.scheme}://{host}:{number}{ep.path}"
-                ident = (url, tuple(sorted((k, tuple(v)) for k, v in ep.params.items())), job)
-                if ident in seen:  # duplicate same-name / same-number ports: one target
-                    continue
-                seen.add(ident)
                 tl = {
                     "namespace": meta.get("namespace", ""),
                     "pod": meta.get("name", ""),
@@ -565,13 +610,59 @@ def pod_targets(pod: Mapping[str, Any], monitor: PodMonitor, *, default_interval
                     "instance": f"{host}:{number}",
                     "endpoint": ep.port or (str(ep.target_port) if ep.target_port not in (None, "") else ""),
                 }
+                final = {k: v for k, v in tl.items() if v}
+                scheme, path, params = ep.scheme, ep.path, {k: list(v) for k, v in ep.params.items()}
+                t_interval, t_timeout = interval, timeout
+                if rules is not None:
+                    lb = dict(pod_meta)
+                    lb.update({"__meta_kubernetes_pod_container_name": c.get("name", ""),
+                               "__meta_kubernetes_pod_container_port_name": p.get("name") or "",
+                               "__meta_kubernetes_pod_container_port_number": str(number),
+                               "__address__": f"{host}:{number}", "__scheme__": scheme,
+                               "__metrics_path__": path, "__scrape_interval__": f"{interval:g}s",
+                               "__scrape_timeout__": f"{timeout:g}s"})
+                    for k, vals in params.items():
+                        if vals:
+                            lb[f"__param_{k}"] = vals[0]
+                    final.pop("instance", None)
+                    lb.update(final)
+                    res = rules.apply(lb)
+                    if res is None or not res.get("__address__"):
+                        continue  # dropped by the rules (or left without an address)
+                    scheme = res.get("__scheme__") or scheme
+                    path = res.get("__metrics_path__") or "/"
+                    if not path.startswith("/"):
+                        path = "/" + path
+                    try:
+                        t_interval = parse_duration(res.get("__scrape_interval__")) or interval
+                        t_timeout = parse_duration(res.get("__scrape_timeout__")) or timeout
+                    except ValueError:
+                        t_interval, t_timeout = interval, timeout
+                    for name, val in res.items():
+                        if name.startswith("__param_"):
+                            pname = name[len("__param_"):]
+                            params[pname] = [val] + list(params.get(pname, [])[1:])
+                    address = res["__address__"]
+                    final = {k: v for k, v in res.items() if not k.startswith("__") and v}
+                    final.setdefault("instance", address)
+                else:
+                    address = f"{host}:{number}"
+                url = f"{scheme}://{address}{path}"
+                t_job = final.get("job", job)
+                ident = (url, tuple(sorted((k, tuple(v)) for k, v in params.items())), t_job)
+                if ident in seen:  # duplicate same-name / same-number ports: one target
+                    continue
+                seen.add(ident)
                 out.append(Target(
                     url=url,
-                    labels={k: v for k, v in tl.items() if v},
-                    interval_s=float(interval),
-                    timeout_s=float(timeout),
-                    params={k: list(v) for k, v in ep.params.items()},
-                    job=job,
+                    labels=final,
+                    interval_s=float(t_interval),
+                    timeout_s=float(min(t_timeout, t_interval)),
+                    params=params,
+                    auth=dict(ep.auth),
+                    tls=dict(ep.tls),
+                    metric_relabel=tuple(ep.metric_relabel_configs),
+                    job=t_job,
                 ))
     return out
 
