@@ -171,6 +171,32 @@ def test_self_metrics_health_and_readiness():
         assert name in fams, name
 
 
+def test_body_size_limit_fails_the_scrape_and_says_why(caplog):
+    """A page over global.body_size_limit (--body-size-limit) is a failed scrape: up 0,
+    counted per target, logged with the limit; nothing of it is relayed."""
+    node = SimulatedNode(2, seed=5)
+
+    async def main():
+        async with ExporterServer(node) as ex:
+            rx = CompactReceiver().start()
+            try:
+                app = RelayApp(_cfg(target=[ex.url], compact=[rx.compact_url], body_size_limit="4KiB"))
+                await _run_for(app, 1.6)
+                rx.flush()
+                return rx.received_samples()
+            finally:
+                rx.stop()
+
+    with caplog.at_level("WARNING", logger="dcgmrelay"):
+        samples = asyncio.run(main())
+    names = {name for _t, name, _l, _v, _ts in samples}
+    ups = [v for _t, name, _l, v, _ts in samples if name == "up"]
+    assert names <= {"up", "scrape_duration_seconds", "scrape_samples_scraped",
+                     "scrape_samples_post_metric_relabeling"}, names
+    assert ups and set(ups) == {0.0}
+    assert any("body exceeds the limit of 4096 bytes" in r.getMessage() for r in caplog.records)
+
+
 # -- the process: signals -------------------------------------------------------------------------
 def _start_exporter_process(tmp_path: Path, n_gpus: int = 4, seed: int = 1) -> tuple[subprocess.Popen, str]:
     code = textwrap.dedent(f"""

@@ -760,7 +760,7 @@ def test_every_flag_through_argparse(tmp_path):
         "--target", "10.0.0.1:9400", "--target", "https://10.0.0.2:9400/m",
         "--remote-write", "http://vm/api/v1/write", "--remote-write-version", "2",
         "--openmetrics-push", "http://vm/api/v1/import/prometheus", "--compact", "http://c/ingest",
-        "--interval", "30s", "--timeout", "5s", "--csv", "whatap", "--listen", ":9600",
+        "--interval", "30s", "--timeout", "5s", "--body-size-limit", "16MiB", "--csv", "whatap", "--listen", ":9600",
         "--spool-dir", str(tmp_path / "spool"), "--spool-max-bytes", "256MiB", "--spool-fsync", "always",
         "--state-path", str(tmp_path / "state.json"), "--first-observation", "zero", "--relay-output", "both",
         "--include-non-dcgm", "--bearer-token-file", str(tmp_path / "tok"), "--header", "X-License-Key: lic-1",
@@ -778,6 +778,7 @@ def test_every_flag_through_argparse(tmp_path):
         assert o.headers == {"X-License-Key": Secret("lic-1"), "X-Scope-OrgID": Secret("t")}
         assert o.tls == TLSConfig(ca_file="/etc/ca.pem", insecure_skip_verify=True)
     assert (cfg.global_interval, cfg.global_timeout, cfg.csv, cfg.listen) == (30.0, 5.0, "whatap", ":9600")
+    assert cfg.global_body_size_limit == 16 * 2 ** 20
     assert (cfg.spool.dir, cfg.spool.max_bytes, cfg.spool.fsync) == (str(tmp_path / "spool"), 256 * 2 ** 20,
                                                                      "always")
     assert (cfg.relay.state_path, cfg.relay.first_observation, cfg.relay.output, cfg.relay.include_non_dcgm) == (
@@ -900,12 +901,35 @@ def test_merge():
     assert p.line == [i for i, line in enumerate(WHATAP_FULL.splitlines(), 1) if "scrapeTimeout" in line][0]
 
 
+def test_body_size_limit_from_file_env_and_flag(tmp_path):
+    """global.body_size_limit (Prometheus' name), DCGMRELAY_BODY_SIZE_LIMIT, --body-size-limit:
+    default 64MiB, shown by check-config, refused with the path when it is no size."""
+    base = "targets: [{name: t, endpoints: [{address: 'a:9400'}]}]\noutputs: [{type: compact, url: 'http://c/'}]\n"
+    assert load_config(base).global_body_size_limit == 64 * 2 ** 20
+    f = tmp_path / "relay.yaml"
+    f.write_text("global: {body_size_limit: 8MiB}\n" + base)
+    cfg = load_config(str(f))
+    assert cfg.global_body_size_limit == 8 * 2 ** 20
+    assert "body_size_limit: 8MiB" in effective_config_text(cfg)
+    assert load_config(effective_config_text(cfg)).global_body_size_limit == 8 * 2 ** 20  # round trip
+    env = {"DCGMRELAY_CONFIG": str(f), "DCGMRELAY_BODY_SIZE_LIMIT": "2MB"}
+    assert config_from_args({}, env=env).global_body_size_limit == 2_000_000
+    assert config_from_args({"body_size_limit": "1KiB"}, env=env).global_body_size_limit == 1024
+    with pytest.raises(ConfigError) as e:
+        load_config("global: {body_size_limit: lots}\n" + base)
+    assert "global.body_size_limit" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        config_from_args({}, env={**env, "DCGMRELAY_BODY_SIZE_LIMIT": "0"})
+    assert "DCGMRELAY_BODY_SIZE_LIMIT" in str(e.value)
+
+
 def test_env_var_list():
     assert ENV_VARS == {
         "DCGMRELAY_CONFIG": "--config", "DCGMRELAY_TARGET": "--target", "DCGMRELAY_REMOTE_WRITE": "--remote-write",
         "DCGMRELAY_REMOTE_WRITE_VERSION": "--remote-write-version",
         "DCGMRELAY_OPENMETRICS_PUSH": "--openmetrics-push", "DCGMRELAY_COMPACT": "--compact",
-        "DCGMRELAY_INTERVAL": "--interval", "DCGMRELAY_TIMEOUT": "--timeout", "DCGMRELAY_CSV": "--csv",
+        "DCGMRELAY_INTERVAL": "--interval", "DCGMRELAY_TIMEOUT": "--timeout",
+        "DCGMRELAY_BODY_SIZE_LIMIT": "--body-size-limit", "DCGMRELAY_CSV": "--csv",
         "DCGMRELAY_LISTEN": "--listen", "DCGMRELAY_SPOOL_DIR": "--spool-dir",
         "DCGMRELAY_SPOOL_MAX_BYTES": "--spool-max-bytes", "DCGMRELAY_SPOOL_FSYNC": "--spool-fsync",
         "DCGMRELAY_STATE_PATH": "--state-path", "DCGMRELAY_FIRST_OBSERVATION": "--first-observation",

@@ -170,7 +170,8 @@ class RelayApp:
                            evict_after_ms=int(opts.evict_after * 1000), kind_overrides=dict(opts.kind_overrides),
                            save_every_s=30.0, passthrough_names=HEALTH_SERIES)
         self.outputs: Dict[str, _OutputSlot] = {oc.name: _OutputSlot(oc, cfg.spool) for oc in cfg.outputs}
-        self.scraper = Scraper(self._on_result, client_factory=self._scrape_client)
+        self.scraper = Scraper(self._on_result, client_factory=self._scrape_client,
+                               body_limit_bytes=cfg.global_body_size_limit)
         self._sources: List[TargetSource] = []
         self._source_targets: Dict[int, List[Target]] = {}
         self._source_tasks: List[asyncio.Task[None]] = []
@@ -248,6 +249,7 @@ class RelayApp:
             if name not in self.outputs:
                 self.outputs[name] = _OutputSlot(oc, cfg.spool)
         self.cfg = cfg
+        self.scraper.body_limit_bytes = cfg.global_body_size_limit
         self._relabel.clear()
         await self._stop_sources()
         self._start_sources()

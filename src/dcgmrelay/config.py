@@ -13,6 +13,7 @@ Native schema (every key optional unless marked; durations are Prometheus string
     global:
       interval: 15s                  # default scrape interval of every endpoint
       timeout: 10s                   # default scrape timeout (min(timeout, interval)); must be <= interval
+      body_size_limit: 64MiB         # a target's body (after decompression) past this fails the scrape
     targets:
       - name: local-dcgm             # REQUIRED: the job label
         type: static                 # static (default) | podmonitor
@@ -136,7 +137,7 @@ from urllib.parse import parse_qsl, urlsplit
 from ._secret import Secret, reveal
 from .errors import DcgmRelayError
 from .relabel import RelabelError, compile_rules
-from .targets import Target
+from .targets import DEFAULT_BODY_SIZE_LIMIT, Target
 
 __all__ = [
     "Authorization",
@@ -1097,6 +1098,9 @@ class RelayConfig:
     kubernetes: KubeConfig = field(default_factory=KubeConfig)
     global_interval: float = 15.0
     global_timeout: float = 10.0
+    #: Bytes of one scrape's body (after decompression) past which the scrape fails (Prometheus'
+    #: ``body_size_limit``): a runaway or hostile exporter cannot make the relay hold more.
+    global_body_size_limit: int = DEFAULT_BODY_SIZE_LIMIT
     whatap: Optional[WhatapConfig] = None
     source: Optional[str] = field(default=None, compare=False)
     origin: str = field(default="native", compare=False)
@@ -1116,7 +1120,7 @@ class RelayConfig:
 
 # ------------------------------------------------------------------------------------ native schema
 
-_GLOBAL_KEYS = ("interval", "timeout")
+_GLOBAL_KEYS = ("interval", "timeout", "body_size_limit")
 _TOP_KEYS = ("global", "targets", "outputs", "csv", "relay", "spool", "listen", "logging", "shard",
              "kubernetes", "whatap")
 _TARGET_KEYS = ("name", "type", "enabled", "endpoints", "relabel_configs", "namespace", "namespace_selector",
@@ -1160,10 +1164,13 @@ class _Native:
             return {}
         out: Dict[str, Any] = {}
         g = v.mapping(top.raw("global"), top.p("global"), top.m("global"), _GLOBAL_KEYS)
-        gi, gt = 15.0, None
+        gi, gt, gb = 15.0, None, DEFAULT_BODY_SIZE_LIMIT
         if g is not None:
             gi = g.get("interval", _p_duration, 15.0)
             gt = g.get("timeout", _p_duration, None)
+            gb = g.get("body_size_limit", _p_size, DEFAULT_BODY_SIZE_LIMIT)
+            if gb is _BAD:
+                gb = DEFAULT_BODY_SIZE_LIMIT
             if gi is _BAD:
                 gi = 15.0
             if gt is not _BAD and gt is not None and gt > gi:
@@ -1173,6 +1180,7 @@ class _Native:
         if gt is None or gt is _BAD:
             gt = min(10.0, gi)
         out["global_interval"], out["global_timeout"] = gi, gt
+        out["global_body_size_limit"] = gb
 
         targets = []
         names: Dict[str, str] = {}
@@ -2169,7 +2177,8 @@ def config_to_dict(cfg: RelayConfig, *, reveal_secrets: bool = False) -> Dict[st
         })
         outputs.append(od)
     out: Dict[str, Any] = {
-        "global": {"interval": format_duration(cfg.global_interval), "timeout": format_duration(cfg.global_timeout)},
+        "global": {"interval": format_duration(cfg.global_interval), "timeout": format_duration(cfg.global_timeout),
+                   "body_size_limit": _format_size(cfg.global_body_size_limit)},
         "targets": targets,
         "outputs": outputs,
         "csv": cfg.csv,
@@ -2283,6 +2292,8 @@ _SETTINGS: Tuple[_Setting, ...] = (
     _Setting("interval", "--interval", "DCGMRELAY_INTERVAL", "duration", "scrape interval (default 15s)", "DURATION"),
     _Setting("timeout", "--timeout", "DCGMRELAY_TIMEOUT", "duration",
              "scrape timeout (default min(10s, interval))", "DURATION"),
+    _Setting("body_size_limit", "--body-size-limit", "DCGMRELAY_BODY_SIZE_LIMIT", "size",
+             "a scrape whose body (after decompression) exceeds this fails (default 64MiB)", "SIZE"),
     _Setting("csv", "--csv", "DCGMRELAY_CSV", "csv", "collectors CSV file or built-in profile "
              "(default, dcp, whatap, 1.x)", "CSV|PROFILE"),
     _Setting("listen", "--listen", "DCGMRELAY_LISTEN", "str", "address of /metrics and /healthz "
@@ -2489,6 +2500,7 @@ def overrides_from_args(args: Any, env: Optional[Mapping[str, str]] = None,
         o["targets"] = [{"name": FLAG_TARGET_JOB, "type": "static", "endpoints": [{"url": u} for u in p["target"]]}]
     put("global", "interval", p.get("interval"))
     put("global", "timeout", p.get("timeout"))
+    put("global", "body_size_limit", p.get("body_size_limit"))
     if p.get("csv") is not None:
         o["csv"] = p["csv"]
     if p.get("listen") is not None:

@@ -27,7 +27,7 @@ import httpx
 from ._http_client import LeanTransport, deadline
 from ._version import __version__
 from .scrape import Parser, Scrape
-from .targets import Target
+from .targets import DEFAULT_BODY_SIZE_LIMIT, Target
 
 __all__ = ["ACCEPT", "ScrapeResult", "Scraper", "phase_offset"]
 
@@ -79,7 +79,7 @@ class Scraper:
         on_result: Callable[[ScrapeResult], Awaitable[None]],
         *,
         client_factory: Optional[ClientFactory] = None,
-        body_limit_bytes: int = 64 * 1024 * 1024,
+        body_limit_bytes: int = DEFAULT_BODY_SIZE_LIMIT,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._on_result = on_result

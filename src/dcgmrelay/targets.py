@@ -12,7 +12,12 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Mapping, Protocol, Sequence, runtime_checkable
 
-__all__ = ["StaticTargets", "Target", "TargetSource", "shard_of", "shard_targets"]
+__all__ = ["DEFAULT_BODY_SIZE_LIMIT", "StaticTargets", "Target", "TargetSource", "shard_of", "shard_targets"]
+
+#: A scrape whose body (after decompression) grows past this many bytes fails (the
+#: config's ``global.body_size_limit``, Prometheus' ``body_size_limit``). A 1,024-GPU
+#: exporter page is ~7 MB, so this leaves room while bounding what a hostile one costs.
+DEFAULT_BODY_SIZE_LIMIT = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
