@@ -342,10 +342,7 @@ class RelayApp:
     async def _on_result(self, r: ScrapeResult) -> None:
         key = r.target.key
         m = self.metrics
-        m.scrapes.labels(key, "ok" if r.up else "failed").inc()
-        m.scrape_duration.labels(key).observe(r.duration_s)
-        m.target_up.labels(key).set(1 if r.up else 0)
-        m.last_scrape.labels(key).set(r.timestamp_ms / 1000)
+        m.scraped(key, r.up, r.duration_s, r.timestamp_ms / 1000)
         labels = dict(r.target.labels)
         scraped = post = 0
         scrape = None
@@ -356,7 +353,7 @@ class RelayApp:
             scrape = r.scrape
             scraped = len(scrape)
             if scrape.n_errors:
-                m.parse_errors.labels(key).inc(scrape.n_errors)
+                m.target(key).rejected_lines += scrape.n_errors
                 first = scrape.errors[0]
                 if self._logged_errors.get(key) != first.reason:  # once per target and reason
                     self._logged_errors[key] = first.reason
