@@ -1261,3 +1261,25 @@ def test_package_level_names() -> None:
     assert_same_columns(dcgmrelay.decode_batch(body), b)
     assert dcgmrelay.encode(b, "remote-write-1") == E.encode(b, "remote-write-1")
     assert isinstance(dcgmrelay.Encoder("rw1"), E.Encoder)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(st.integers(-(2 ** 62), 2 ** 62), unique=True, max_size=60), st.data())
+def test_series_key_index_insert_and_find(keys: List[int], data: Any) -> None:
+    """The encoders' sorted series-key index: keys inserted batch by batch (merged in, not
+    re-sorted) are all found with their ids, and unknown keys are reported once each in
+    first-seen order."""
+    from dcgmrelay.encode import _EMPTY_I64, _find_sorted, _insert_sorted
+
+    sk, sv = _EMPTY_I64, _EMPTY_I64
+    cut = sorted(data.draw(st.lists(st.integers(0, len(keys)), max_size=4)))
+    for a, b in zip([0] + cut, cut + [len(keys)]):
+        new = np.array(keys[a:b], dtype=np.int64)
+        sk, sv = _insert_sorted(sk, sv, new, np.arange(a, b, dtype=np.int64))
+        assert np.all(np.diff(sk) > 0)
+    if keys:
+        ids, missing = _find_sorted(sk, sv, np.array(keys[::-1], dtype=np.int64))
+        assert ids is not None and ids.tolist() == list(range(len(keys)))[::-1] and not len(missing)
+    probe = np.array([keys[0] if keys else 5, 2 ** 62 + 1, 2 ** 62 + 1, -(2 ** 62) - 1], dtype=np.int64)
+    ids, missing = _find_sorted(sk, sv, probe)
+    assert ids is None and missing.tolist() == [k for k in dict.fromkeys(probe.tolist()) if k not in keys]
