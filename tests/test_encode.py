@@ -1283,3 +1283,17 @@ def test_series_key_index_insert_and_find(keys: List[int], data: Any) -> None:
     probe = np.array([keys[0] if keys else 5, 2 ** 62 + 1, 2 ** 62 + 1, -(2 ** 62) - 1], dtype=np.int64)
     ids, missing = _find_sorted(sk, sv, probe)
     assert ids is None and missing.tolist() == [k for k in dict.fromkeys(probe.tolist()) if k not in keys]
+
+
+@pytest.mark.parametrize("fmt", ["prometheus", "openmetrics"])
+def test_families_dict_handed_again_after_another_is_applied_again(fmt: str) -> None:
+    """The relay hands an unchanged target its last families dict again and the encoder
+    skips a dict it has just applied; one applied in between (another target's HELP for the
+    same name) must not leave the first target with the other's metadata."""
+    enc = Encoder(fmt)
+    fa = {"m": ("gauge", "help of a", None)}
+    fb = {"m": ("gauge", "help of b", None)}
+    a = fake_batch([("m", (("t", "a"),), 1.0)], families=fa)
+    b = fake_batch([("m", (("t", "b"),), 2.0)], families=fb)
+    helps = [[ln for ln in enc.encode(x)[0].decode().splitlines() if ln.startswith("# HELP")] for x in (a, a, b, a)]
+    assert helps == [["# HELP m help of a"], ["# HELP m help of a"], ["# HELP m help of b"], ["# HELP m help of a"]]

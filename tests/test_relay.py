@@ -196,6 +196,37 @@ def test_output_delta_drops_first_observation_and_types() -> None:
         assert b.families[NVLINK_BW][0] == "gauge"  # CSV says counter; it is a rate
 
 
+def test_batch_families_reused_while_nothing_they_depend_on_changes() -> None:
+    """An unchanged scrape gets the same families dict as the last batch (the encoders skip
+    it); new HELP text, a new name or other options give a fresh, correct one."""
+    cpu = "# HELP process_cpu_seconds_total {}\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}"
+    lines = (gpu_line(ENERGY, 0, 1000), gpu_line(TEMP, 0, 40), cpu.format("CPU time.", 1))
+    relay = Relay(SPEC, include_non_dcgm=True)
+    parser = dcgmrelay.Parser()
+    b1 = relay.ingest(parser.parse(body(*lines)), target="n", timestamp_ms=1)
+    b2 = relay.ingest(parser.parse(body(gpu_line(ENERGY, 0, 1100), gpu_line(TEMP, 0, 41), cpu.format("CPU time.", 2))),
+                      target="n", timestamp_ms=2)
+    assert b2.families is b1.families and b1.families[ENERGY][0] == "counter"
+    assert b1.families["process_cpu_seconds_total"] == ("counter", "CPU time.", None)
+    other = relay.ingest(parser.parse(body(*lines)), target="other", timestamp_ms=2)
+    assert other.families == b1.families and other.families is not b1.families  # per target
+    # the exporter's HELP changes
+    b3 = relay.ingest(parser.parse(body(*lines[:2], cpu.format("User and system CPU time.", 3))),
+                      target="n", timestamp_ms=3)
+    assert b3.families is not b2.families
+    assert b3.families["process_cpu_seconds_total"][1] == "User and system CPU time."
+    # a name more
+    b4 = relay.ingest(parser.parse(body(*lines, gpu_line(NVLINK_BW, 0, 7))), target="n", timestamp_ms=4)
+    assert set(b4.families) == {ENERGY, TEMP, NVLINK_BW, "process_cpu_seconds_total"}
+    # other options (a reload): the energy counter is now a gauge of deltas
+    relay.reconfigure(output="delta")
+    b5 = relay.ingest(parser.parse(body(*lines, gpu_line(NVLINK_BW, 0, 7))), target="n", timestamp_ms=5)
+    assert b5.families[ENERGY][0] == "gauge"
+    relay.reconfigure(kind_overrides={ENERGY: "gauge"}, output="cumulative")
+    b6 = relay.ingest(parser.parse(body(*lines, gpu_line(NVLINK_BW, 0, 7))), target="n", timestamp_ms=6)
+    assert b6.families[ENERGY][0] == "gauge"
+
+
 def test_batch_columns() -> None:
     relay = Relay(SPEC, output="both")
     b = relay.ingest(dcgmrelay.parse(body(gpu_line(ENERGY, 0, 10), gpu_line(TEMP, 1, 40, ',pod="p"'))),

@@ -464,6 +464,7 @@ class _Table:
         self._sk = _EMPTY_I64  # sorted series keys (name << 32 | labelset)
         self._sv = _EMPTY_I64  # their series ids
         self.fam_version = 0
+        self._last_families: Optional[Dict[str, _Family]] = None
         # per-batch caches
         self._c_names: Optional[Sequence[str]] = None
         self._c_nmap = _EMPTY_I64
@@ -693,6 +694,11 @@ class _Table:
 
     # -- families -----------------------------------------------------------------------
     def update_families(self, families: Dict[str, _Family]) -> None:
+        # The relay hands an unchanged target the same dict again: applied just before, so
+        # nothing to do (a reference, not an id: the object stays alive while it is compared)
+        if families is self._last_families:
+            return
+        self._last_families = families
         changed = False
         for name, fam in families.items():
             j = self.name_index(name)

@@ -388,6 +388,9 @@ class _Target:
         self.last_ingest_ms: int = 0
         # the shape of the last ingest (fast path), None after any layout change
         self.structure: Optional[_Structure] = None
+        # (what the batch families were made from, the exporter's metadata, the result):
+        # an unchanged scrape reuses the same dict, which the encoders then skip at once
+        self.families_cache: Optional[Tuple[Any, Any, Dict[str, Tuple[str, Optional[str], Optional[str]]]]] = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -681,6 +684,8 @@ class Relay:
         self.state_path = None if state_path is None else os.fspath(state_path)
         self._field_overrides, self._name_overrides = self._resolve_overrides(kind_overrides or {})
         self._name_class: Dict[str, Tuple[int, int]] = {}  # DCGM names only
+        #: bumped by reconfigure(): per-target caches made under other options are stale
+        self._options_version = 0
         self._targets: Dict[str, _Target] = {}
         self._last_save = -math.inf
         self.stats = RelayStats()
@@ -719,6 +724,7 @@ class Relay:
         if kind_overrides is not None:
             self._field_overrides, self._name_overrides = self._resolve_overrides(kind_overrides)
         self._name_class.clear()
+        self._options_version += 1
 
     def _resolve_overrides(self, overrides: Mapping[Union[str, int], KindLike]) -> Tuple[Dict[int, int], Dict[str, int]]:
         by_field: Dict[int, int] = {}
@@ -928,7 +934,7 @@ class Relay:
             values=values, deltas=deltas, resets=resets, timestamps=ts,
             start_timestamps=start, event_counts=event_counts,
             stale_name_ids=stale_nids, stale_labelset_ids=stale_lids, stats=stats,
-            families=lambda: self._families(scrape, out_names, codes, name_kinds),
+            families=lambda: self._families_of(t, scrape, out_names, codes, name_kinds),
             entities=lambda: self._entities(scrape, keep),
         )
         if self.state_path is not None and time.monotonic() - self._last_save >= self.save_every_s:
@@ -1168,6 +1174,19 @@ class Relay:
             for name in [k for k, o in self._targets.items() if o is not t and o.last_ingest_ms < cutoff]:
                 evicted += len(self._targets.pop(name))
         return evicted
+
+    def _families_of(self, t: _Target, scrape: Scrape, names: Tuple[str, ...], codes: np.ndarray,
+                     name_kinds: np.ndarray) -> Dict[str, Tuple[str, Optional[str], Optional[str]]]:
+        """:meth:`_families`, reused while the target's names, their classification, the
+        options and the exporter's HELP/TYPE/UNIT lines are those of the last batch."""
+        key = (self._options_version, self.output, names, codes.tobytes(), name_kinds.tobytes())
+        raw = scrape._families_raw  # the parser's metadata, before Family objects are made
+        c = t.families_cache
+        if c is not None and c[0] == key and c[1] == raw:
+            return c[2]
+        out = self._families(scrape, names, codes, name_kinds)
+        t.families_cache = (key, raw, out)
+        return out
 
     def _families(self, scrape: Scrape, names: Tuple[str, ...], codes: np.ndarray, name_kinds: np.ndarray
                   ) -> Dict[str, Tuple[str, Optional[str], Optional[str]]]:
