@@ -45,7 +45,7 @@ MAX_LEN: Dict[str, int] = {"parser": 16384, "csv": 8192, "config": 8192, "compac
 
 #: Inputs per harness with --ci: about 30 s each on a 2-core CI machine (the parser harness
 #: is the slowest: every input goes through the pure twin, the relay and five encoders).
-CI_RUNS: Dict[str, int] = {"parser": 600, "csv": 20000, "config": 3000, "compact": 6000}
+CI_RUNS: Dict[str, int] = {"parser": 1000, "csv": 20000, "config": 10000, "compact": 8000}
 CI_SEED = 1
 #: With --ci a harness that has not finished its inputs after this long stops there (a slow
 #: machine explores a prefix of the same sequence) instead of holding CI up.
