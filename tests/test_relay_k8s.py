@@ -15,54 +15,67 @@ from fixtures_kube import kube_apiserver  # noqa: F401  (pytest fixture)
 from test_discovery import Exporters, _uid, running_pod
 
 
+def _relay_over_podmonitor(kube, tmp_path, ns: str, target_yaml: str, rx: CompactReceiver, *,
+                           seconds: float = 3.0, during=None) -> None:
+    """Run the relay in-process with one PodMonitor target (``target_yaml``: its keys after
+    ``type``, indented for the list item) into ``rx`` for ``seconds``; ``during()``, a
+    coroutine function, runs once the first ``seconds`` have passed, then two more seconds."""
+    token = kube.write_token_file(str(tmp_path / "token"))
+    conf = tmp_path / "relay.yaml"
+    conf.write_text(textwrap.dedent(f"""
+        global: {{interval: 500ms, timeout: 500ms}}
+        targets:
+          - name: gpu-exporters
+            type: podmonitor
+            namespace_selector: {{match_names: [{ns}]}}
+            selector: {{match_labels: {{app: custom-dcgm}}}}
+        """) + textwrap.indent(textwrap.dedent(target_yaml), " " * 4) + textwrap.dedent(f"""
+        outputs:
+          - {{name: collector, type: compact, url: {rx.compact_url}}}
+        relay: {{include_non_dcgm: true}}
+        kubernetes: {{api_url: {kube.url}, token_file: {token}, ca_file: {kube.ca_file}}}
+        listen: "127.0.0.1:0"
+        """))
+    cfg = C.load_config(str(conf))
+
+    async def main():
+        app = RelayApp(cfg)
+        task = asyncio.create_task(app.run(install_signals=False))
+        await asyncio.sleep(seconds)
+        if during is not None:
+            await during()
+            await asyncio.sleep(2.0)
+        app.stop()
+        await task
+
+    asyncio.run(main())
+    rx.flush()
+
+
 def test_relay_scrapes_exactly_the_pods_the_podmonitor_selects(kube_apiserver, tmp_path):  # noqa: F811
     kube = kube_apiserver
     ns = f"gpu-{_uid()}"
     kube.create_namespace(ns)
     exporters = Exporters()
     rx = CompactReceiver().start()
-    token = kube.write_token_file(str(tmp_path / "token"))
     try:
         matching = [running_pod(kube, exporters, ns, f"dcgm-{i}", {"app": "custom-dcgm"}) for i in range(3)]
         running_pod(kube, exporters, ns, "other", {"app": "something-else"})
-        conf = tmp_path / "relay.yaml"
-        conf.write_text(textwrap.dedent(f"""
-            global: {{interval: 500ms, timeout: 500ms}}
-            targets:
-              - name: gpu-exporters
-                type: podmonitor
-                namespace_selector: {{match_names: [{ns}]}}
-                selector: {{match_labels: {{app: custom-dcgm}}}}
-                endpoints: [{{port: "9400", path: /metrics}}]
-            outputs:
-              - {{name: collector, type: compact, url: {rx.compact_url}}}
-            relay: {{include_non_dcgm: true}}
-            kubernetes: {{api_url: {kube.url}, token_file: {token}, ca_file: {kube.ca_file}}}
-            listen: "127.0.0.1:0"
-        """))
-        cfg = C.load_config(str(conf))
 
-        async def main():
-            app = RelayApp(cfg)
-            task = asyncio.create_task(app.run(install_signals=False))
-            await asyncio.sleep(3.0)
+        async def relabel_one_out():
             # relabel one pod out of the selector: its target goes, its series end
             await asyncio.to_thread(kube.relabel, ns, "dcgm-0", {"app": "retired"})
-            await asyncio.sleep(2.0)
-            app.stop()
-            await task
-            return app
 
-        t_relabel = time.time()
-        asyncio.run(main())
-        rx.flush()
+        t_relabel = time.time() + 3.0
+        _relay_over_podmonitor(kube, tmp_path, ns, 'endpoints: [{port: "9400", path: /metrics}]\n', rx,
+                               during=relabel_one_out)
         samples = rx.received_samples()
         pods = {labels.get("pod") for _t, name, labels, _v, _ts in samples if name == "DCGM_FI_DEV_GPU_TEMP"}
         assert pods == {"dcgm-0", "dcgm-1", "dcgm-2"}  # never "other"
         scraped_ips = {t.split("//")[1].split(":")[0] for t, *_ in samples}
         assert scraped_ips == set(matching)
         late = {labels.get("pod") for _t, name, labels, _v, ts in samples
-                if name == "DCGM_FI_DEV_GPU_TEMP" and ts > (t_relabel + 4.0) * 1000}
+                if name == "DCGM_FI_DEV_GPU_TEMP" and ts > (t_relabel + 1.0) * 1000}
         assert "dcgm-0" not in late and late  # relabelled out: no longer scraped, the others are
     finally:
         exporters.close()
@@ -77,42 +90,18 @@ def test_relay_applies_podmonitor_relabel_and_metric_relabel_configs(kube_apiser
     kube.create_namespace(ns)
     exporters = Exporters()
     rx = CompactReceiver().start()
-    token = kube.write_token_file(str(tmp_path / "token"))
     try:
         for i in range(3):
             running_pod(kube, exporters, ns, f"dcgm-{i}", {"app": "custom-dcgm", "pool": f"pool-{i}"})
-        conf = tmp_path / "relay.yaml"
-        conf.write_text(textwrap.dedent(f"""
-            global: {{interval: 500ms, timeout: 500ms}}
-            targets:
-              - name: gpu-exporters
-                type: podmonitor
-                namespace_selector: {{match_names: [{ns}]}}
-                selector: {{match_labels: {{app: custom-dcgm}}}}
-                relabel_configs:
-                  - {{source_labels: [__meta_kubernetes_pod_name], regex: dcgm-2, action: drop}}
-                  - {{source_labels: [__meta_kubernetes_pod_label_pool], target_label: gpu_pool}}
-                endpoints:
-                  - port: "9400"
-                    metric_relabel_configs:
-                      - {{source_labels: [pod], regex: dcgm-1, action: drop}}
-            outputs:
-              - {{name: collector, type: compact, url: {rx.compact_url}}}
-            relay: {{include_non_dcgm: true}}
-            kubernetes: {{api_url: {kube.url}, token_file: {token}, ca_file: {kube.ca_file}}}
-            listen: "127.0.0.1:0"
-        """))
-        cfg = C.load_config(str(conf))
-
-        async def main():
-            app = RelayApp(cfg)
-            task = asyncio.create_task(app.run(install_signals=False))
-            await asyncio.sleep(3.0)
-            app.stop()
-            await task
-
-        asyncio.run(main())
-        rx.flush()
+        _relay_over_podmonitor(kube, tmp_path, ns, """
+            relabel_configs:
+              - {source_labels: [__meta_kubernetes_pod_name], regex: dcgm-2, action: drop}
+              - {source_labels: [__meta_kubernetes_pod_label_pool], target_label: gpu_pool}
+            endpoints:
+              - port: "9400"
+                metric_relabel_configs:
+                  - {source_labels: [pod], regex: dcgm-1, action: drop}
+            """, rx)
         samples = rx.received_samples()
         temps = [labels for _t, name, labels, _v, _ts in samples if name == "DCGM_FI_DEV_GPU_TEMP"]
         ups = {labels.get("pod"): labels for _t, name, labels, _v, _ts in samples if name == "up"}
