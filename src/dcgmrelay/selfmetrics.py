@@ -36,7 +36,7 @@ class SelfMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        # Per target: one plain record, rendered at collection time (_TargetFamilies). A
+        # Per target: one plain record, rendered at collection time (_collect_targets). A
         # prometheus-client child per target and metric costs a labels() lookup per scrape and
         # a `_created` series per counter; at 1,000 targets the per-target part of /metrics
         # was 1.7 MiB (a histogram per target) and took ~0.25 s to render on the event loop.
@@ -64,7 +64,7 @@ class SelfMetrics:
 
     def scraped(self, key: str, up: bool, duration_s: float, timestamp_s: float) -> None:
         """Count one scrape of ``key``."""
-        rec = self._per_target.get(key) or self.target(key)
+        rec = self.target(key)
         if up:
             rec.ok += 1
         else:
