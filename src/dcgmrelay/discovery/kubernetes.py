@@ -574,7 +574,7 @@ def pod_targets(pod: Mapping[str, Any], monitor: PodMonitor, *, default_interval
     job = monitor.name
     if monitor.job_label and labels.get(monitor.job_label):
         job = labels[monitor.job_label]
-    rules = getattr(monitor, "rules", None)
+    rules = monitor.rules
     pod_meta: Dict[str, str] = {}
     if rules is not None:
         pod_meta = {"__meta_kubernetes_namespace": meta.get("namespace", ""),
