@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import zlib
 
 import pytest
 
@@ -150,6 +151,76 @@ def test_openmetrics_content_type_and_gzip_are_handled():
     r = asyncio.run(main())
     assert r.up and r.scrape.format == "openmetrics"
     assert r.scrape.timestamps.tolist() == [1700000000500]
+
+
+@pytest.mark.parametrize("coding, encode, chunked", [
+    ("gzip", gzip.compress, False),
+    ("x-gzip", gzip.compress, True),
+    ("deflate", zlib.compress, False),  # RFC 9110's deflate: zlib-wrapped
+    ("deflate", lambda b: zlib.compress(b)[2:-4], True),  # raw deflate, as some servers send it
+    ("identity", lambda b: b, True),
+    ("br-unknown", lambda b: b, False),  # a coding nobody knows passes through, as with httpx
+])
+def test_content_codings_are_decoded(coding, encode, chunked):
+    """The scraper reads plain-http pages without httpx's response model: it decodes what
+    httpx would (gzip, deflate zlib-wrapped or raw), in one piece or chunked."""
+    body = b"".join(b'DCGM_FI_DEV_GPU_TEMP{gpu="%d",UUID="GPU-%d"} %d\n' % (i, i, 40 + i) for i in range(500))
+
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        data = encode(body)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Encoding: %s\r\n" % coding.encode()
+        if chunked:
+            parts = [data[i:i + 700] for i in range(0, len(data), 700)]
+            writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n"
+                         + b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in parts) + b"0\r\n\r\n")
+        else:
+            writer.write(head + b"Content-Length: %d\r\n\r\n" % len(data) + data)
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/metrics"
+        try:
+            sc = Scraper(lambda r: None)
+            r = await sc.scrape_once(Target(url, timeout_s=5))
+            await sc.aclose()
+            return r
+        finally:
+            server.close()
+
+    r = asyncio.run(main())
+    assert r.up, r.error
+    assert r.body_bytes == len(body)
+    assert r.scrape.values.tolist() == [40.0 + i for i in range(500)]
+
+
+@pytest.mark.parametrize("coding, data, message", [
+    ("gzip", b"\x1f\x8b not gzip at all", "bad gzip body"),
+    ("gzip, deflate", b"whatever", "unsupported Content-Encoding 'gzip, deflate'"),
+])
+def test_undecodable_bodies_fail_the_scrape_with_a_reason(coding, data, message):
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n"
+                     % (coding.encode(), len(data)) + data)
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/metrics"
+        try:
+            sc = Scraper(lambda r: None)
+            r = await sc.scrape_once(Target(url, timeout_s=5))
+            await sc.aclose()
+            return r
+        finally:
+            server.close()
+
+    r = asyncio.run(main())
+    assert not r.up and message in r.error, r.error
 
 
 def test_gzip_bomb_is_cut_at_the_decoded_limit():

@@ -236,8 +236,20 @@ class LeanTransport(httpx.AsyncBaseTransport):
             if self._fallback is None:
                 self._fallback = httpx.AsyncHTTPTransport()
             return await self._fallback.handle_async_request(request)
+        status, reason, headers, stream = await self.open(request)
+        return httpx.Response(status, headers=headers, stream=stream,
+                              extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason})
+
+    async def open(self, request: httpx.Request) -> Tuple[int, bytes, List[Tuple[bytes, bytes]], "_Body"]:
+        """Send a plain-``http://`` request; return the response head (status, reason, raw
+        headers) and its body stream, not yet read (iterate it, then ``aclose()`` it).
+
+        The scraper's hot path: no :class:`httpx.Response` (its header model, decoders and
+        chunkers) per request, which for one node's page every interval cost about as much
+        CPU as the parse. Same connection handling and errors as :meth:`handle_async_request`."""
         if self._closed:
             raise RuntimeError("the transport has been closed")
+        url = request.url
         host = url.host
         port = url.port or 80
         key = (host, port)
@@ -266,7 +278,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         return b"".join(lines)
 
     async def _exchange(self, conn: _Conn, head: bytes, body: bytes, request: httpx.Request,
-                        timeouts: _Timeouts) -> httpx.Response:
+                        timeouts: _Timeouts) -> Tuple[int, bytes, List[Tuple[bytes, bytes]], "_Body"]:
         writer, reader = conn.writer, conn.reader
         try:
             writer.write(head + body if len(body) < 65536 else head)
@@ -305,9 +317,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raise
         if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
             length, chunked = 0, False
-        stream = _Body(self, conn, length, chunked, timeouts.read, keep)
-        return httpx.Response(status, headers=headers, stream=stream,
-                              extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason})
+        return status, reason, headers, _Body(self, conn, length, chunked, timeouts.read, keep)
 
     async def aclose(self) -> None:
         self._closed = True

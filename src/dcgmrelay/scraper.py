@@ -19,8 +19,9 @@ import asyncio
 import hashlib
 import logging
 import time
+import zlib
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Union
+from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Sequence, Union
 
 import httpx
 
@@ -229,11 +230,18 @@ class Scraper:
         if req is not None:
             if self._lean is None:
                 self._lean = LeanTransport(max_idle_per_host=4)
-            resp = await self._lean.handle_async_request(req)
+            status, _, head, stream = await self._lean.open(req)
             try:
-                return await self._read(resp), resp.status_code, resp.headers.get("content-type")
+                ctype = coding = None
+                for k, v in head:
+                    lk = k.lower()
+                    if lk == b"content-type":
+                        ctype = v.decode("latin-1")
+                    elif lk == b"content-encoding":
+                        coding = v
+                return await self._read_chunks(stream, coding), status, ctype
             finally:
-                await resp.aclose()
+                await stream.aclose()
         client = self._client(target)
         headers = {"Accept": ACCEPT, "User-Agent": USER_AGENT,
                    "X-Prometheus-Scrape-Timeout-Seconds": f"{target.timeout_s:g}"}
@@ -242,14 +250,27 @@ class Scraper:
                                  timeout=target.timeout_s) as resp:
             return await self._read(resp), resp.status_code, resp.headers.get("content-type")
 
-    async def _read(self, resp: httpx.Response) -> Union[bytes, bytearray]:
+    async def _read_chunks(self, stream: AsyncIterable[bytes], coding: Optional[bytes]) -> Union[bytes, bytearray]:
+        """The lean transport's body, decoded as its ``Content-Encoding`` says (gzip or
+        deflate, as httpx would; codings it does not know pass through, as with httpx)."""
+        codings = [c for c in (t.strip().lower() for t in coding.split(b",")) if c and c != b"identity"] \
+            if coding else []
+        if not codings:
+            return await self._read(stream)
+        if len(codings) > 1 or codings[0] not in _ZLIB_WBITS:
+            if any(c in _ZLIB_WBITS for c in codings):
+                raise _Failed(f"unsupported Content-Encoding {(coding or b'').decode('latin-1')!r}")
+            return await self._read(stream)
+        return await self._read(_inflate(stream, codings[0], self.body_limit_bytes))
+
+    async def _read(self, resp: Union[httpx.Response, AsyncIterable[bytes]]) -> Union[bytes, bytearray]:
         # chunk by chunk, after content decoding: a gzip bomb is cut at the limit too. Chunks
         # go into one growing buffer (not a list joined at the end), so a large page is held
         # about once rather than twice at the peak.
         first: Optional[bytes] = None
         buf: Optional[bytearray] = None
         total = 0
-        async for chunk in resp.aiter_bytes():
+        async for chunk in (resp.aiter_bytes() if isinstance(resp, httpx.Response) else resp):
             total += len(chunk)
             if total > self.body_limit_bytes:
                 raise _BodyTooLarge()
@@ -267,4 +288,37 @@ class Scraper:
 
 class _Failed(Exception):
     pass
+
+
+# zlib's window bits per content coding: gzip's header and trailer; deflate as RFC 9110 has it
+# (zlib-wrapped), raw deflate accepted too (as httpx's decoder does)
+_ZLIB_WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
+
+
+def _zlib_header(b: bytes) -> bool:
+    """A zlib stream's two header bytes (RFC 1950: deflate method, check bits)."""
+    return len(b) >= 2 and b[0] & 0x0F == 8 and (b[0] << 8 | b[1]) % 31 == 0
+
+
+async def _inflate(stream: AsyncIterable[bytes], coding: bytes, limit: int) -> AsyncIterator[bytes]:
+    """Decode a gzip/deflate body chunk by chunk, never more than ``limit + 1`` bytes of output
+    per input chunk held at once (a bomb is cut by the reader's limit, not inflated whole)."""
+    d = zlib.decompressobj(_ZLIB_WBITS[coding])
+    first = True
+    try:
+        async for chunk in stream:
+            if first and coding == b"deflate" and not _zlib_header(chunk):
+                d = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, no zlib header
+            first = False
+            data = chunk
+            while data:
+                out = d.decompress(data, limit + 1)
+                if out:
+                    yield out
+                data = d.unconsumed_tail
+        tail = d.flush()
+        if tail:
+            yield tail
+    except zlib.error as exc:
+        raise _Failed(f"bad {coding.decode()} body: {exc}") from None
 
