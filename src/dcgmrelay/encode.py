@@ -109,6 +109,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import fields as _fields
+from ._ids import same_ids
 from ._version import __version__
 from .errors import DcgmRelayError
 
@@ -577,8 +578,8 @@ class _Table:
                    labelset_ids: np.ndarray) -> np.ndarray:
         """Series id per sample, cached while the batch has the previous one's shape."""
         c = self._c_sid_key
-        if (c is not None and c[0] is nmap and c[1] is lmap and np.array_equal(c[2], name_ids)
-                and np.array_equal(c[3], labelset_ids)):
+        if (c is not None and c[0] is nmap and c[1] is lmap and same_ids(c[2], name_ids)
+                and same_ids(c[3], labelset_ids)):
             return self._c_sids
         n = len(name_ids)
         sids = self.lookup(nmap[name_ids], lmap[labelset_ids]) if n else _EMPTY_I64
@@ -600,7 +601,7 @@ class _Table:
         """Sample order grouping the samples by label set (every series of one device in a
         row), cached for the same series order; None when already grouped."""
         c = self._c_order
-        if c is not None and (c[0] is sids or np.array_equal(c[0], sids)):
+        if c is not None and (c[0] is sids or same_ids(c[0], sids)):
             return c[1]
         ls = self.ser_ls.view()[sids]
         order: Optional[np.ndarray] = None
@@ -1156,7 +1157,7 @@ class Encoder:
         assert start is not None
         key = (tbl.fam_version, len(tbl.ser_name), len(tbl.sym.off))
         cached = tbl.rw2_cache
-        if cached is not None and cached[0] == key and (cached[1] is sids or np.array_equal(cached[1], sids)):
+        if cached is not None and cached[0] == key and (cached[1] is sids or same_ids(cached[1], sids)):
             head, pieces = cached[2]
         else:
             mark = np.zeros(len(tbl), dtype=bool)
@@ -1784,8 +1785,8 @@ class _CompactEncoder:
         ents = emap[_i64(batch.entity_ids) + 1] if n else _EMPTY_I64
         new: List[np.ndarray] = []
         c = self._c_sid_key
-        if (c is not None and c[0] is nmap and c[1] is lmap and np.array_equal(c[2], name_ids)
-                and np.array_equal(c[3], labelset_ids)):
+        if (c is not None and c[0] is nmap and c[1] is lmap and same_ids(c[2], name_ids)
+                and same_ids(c[3], labelset_ids)):
             sids = self._c_sids
         else:
             sids = self._lookup((nmap[name_ids] << 32) | lmap[labelset_ids], new) if n else _EMPTY_I64
@@ -1879,7 +1880,7 @@ class _CompactEncoder:
         sec += _varint(tref)
         sec += _varint(len(stale_sids))
         _section(out, _S_BATCH, sec)
-        same_order = self.last_order is not None and np.array_equal(sids, self.last_order)
+        same_order = self.last_order is not None and same_ids(sids, self.last_order)
         if not same_order:
             sec = bytearray()
             _put_uints(sec, _zigzag(np.diff(sids, prepend=-1) - 1))

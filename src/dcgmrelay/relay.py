@@ -139,6 +139,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import fields as _fields
+from ._ids import same_ids
 from .csvspec import MetricSpec, load_csv
 from .kinds import Kind
 from .scrape import TS_ABSENT, Entity, Scrape
@@ -369,6 +370,8 @@ class _Target:
         self.entity_attrs: Dict[Tuple[Any, ...], Dict[str, str]] = {}
         self.tables_version = 0
         self._json_cache: Optional[Tuple[int, bytes]] = None
+        # last classification: (options version, names, families metadata, codes, kinds)
+        self.classified: Optional[Tuple[int, Tuple[str, ...], Any, np.ndarray, np.ndarray]] = None
         # last scrape's label-set table and its pids (reused while the table is unchanged)
         self.last_tables: Optional[Tuple[Tuple[LabelSet, ...], np.ndarray]] = None
         # dense cell tables
@@ -622,11 +625,11 @@ class _Structure:
 
     def matches(self, scrape: Scrape, codes: np.ndarray, name_kinds: np.ndarray, pname: np.ndarray,
                 plabel: np.ndarray) -> bool:
-        return (np.array_equal(codes, self.codes) and np.array_equal(name_kinds, self.name_kinds)
-                and np.array_equal(pname, self.pname)
-                and (plabel is self.plabel or np.array_equal(plabel, self.plabel))
-                and np.array_equal(scrape.name_ids, self.name_ids_in)
-                and np.array_equal(scrape.labelset_ids, self.labelset_ids_in))
+        return (same_ids(codes, self.codes) and same_ids(name_kinds, self.name_kinds)
+                and same_ids(pname, self.pname)
+                and (plabel is self.plabel or same_ids(plabel, self.plabel))
+                and same_ids(scrape.name_ids, self.name_ids_in)
+                and same_ids(scrape.labelset_ids, self.labelset_ids_in))
 
 
 # ------------------------------------------------------------------------------------------
@@ -809,7 +812,13 @@ class Relay:
         # 1. shape: allow-list, kinds, series rows. Reused when the scrape has the shape of
         #    the target's previous one (the steady state); else rebuilt (per distinct name and
         #    label set, plus numpy on the id columns).
-        codes, name_kinds = self._classify(scrape)
+        c = t.classified  # the previous scrape's, while names, metadata and options are the same
+        if c is not None and c[0] == self._options_version and c[1] == scrape.names \
+                and c[2] == scrape._families_raw:
+            codes, name_kinds = c[3], c[4]
+        else:
+            codes, name_kinds = self._classify(scrape)
+            t.classified = (self._options_version, scrape.names, scrape._families_raw, codes, name_kinds)
         pname = t.name_pids(scrape.names)
         plabel = t.labelset_pids(scrape.labelsets)
         st = t.structure
