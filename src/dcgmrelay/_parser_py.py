@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from array import array
-from typing import Dict, NamedTuple, Optional, Tuple, Union, cast
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 from .errors import ParseError
 
@@ -219,10 +219,10 @@ class RawScrape(NamedTuple):
     timestamps: object  # int64[n], TS_ABSENT where absent
     name_ids: object  # int32[n] → names
     labelset_ids: object  # int32[n] → labelsets
-    names: list[str]
-    labelsets: list[tuple[tuple[str, str], ...]]
+    names: Sequence[str]
+    labelsets: Sequence[tuple[tuple[str, str], ...]]
     families: dict[str, list[str | None]]  # name → [type, help, unit]
-    errors: list[tuple[int, int, str]]  # (line, column, reason), capped
+    errors: Sequence[tuple[int, int, str]]  # (line, column, reason), capped
     n_errors: int
     n_lines: int
 

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from . import config as _config
+from . import fields
 from ._http import HttpServer
 from ._version import __version__
 from .csvspec import load_csv
@@ -449,21 +450,22 @@ class RelayApp:
 HEALTH_SERIES = ("up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling")
 
 
-_HEALTH_NAMES = ["up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling"]
+_HEALTH_NAMES = HEALTH_SERIES
 _HEALTH_IDS = np.arange(4, dtype=np.int32)
 _HEALTH_LS = np.zeros(4, dtype=np.int32)
 _HEALTH_TS = np.full(4, TS_ABSENT, dtype=np.int64)
+_HEALTH_FIELD_IDS = np.array([fields.id_of(n) for n in HEALTH_SERIES], dtype=np.int32)  # not DCGM fields: -1
 
 
 @functools.lru_cache(maxsize=4096)
-def _health_labelset(items: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[str, str], ...]:
-    return tuple(sorted(items))
+def _health_labelsets(items: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[Tuple[str, str], ...]]:
+    return (tuple(sorted(items)),)
 
 
 def _health_scrape(labels: Mapping[str, str], r: ScrapeResult, scraped: int, post: int) -> Scrape:
     """Prometheus' synthetic per-target series (untyped, the target's labels): the tables are
     the same every scrape, only the four values are new."""
     values = np.array([1.0 if r.up else 0.0, r.duration_s, scraped, post], dtype=np.float64)
-    raw = RawScrape(values, _HEALTH_TS, _HEALTH_IDS, _HEALTH_LS, _HEALTH_NAMES,
-                    [_health_labelset(tuple(labels.items()))], {}, [], 0, 0)
-    return Scrape(raw, format="prometheus")
+    labelsets = _health_labelsets(tuple(labels.items()))
+    raw = RawScrape(values, _HEALTH_TS, _HEALTH_IDS, _HEALTH_LS, _HEALTH_NAMES, labelsets, {}, (), 0, 0)
+    return Scrape(raw, format="prometheus", tables=(_HEALTH_NAMES, labelsets, _HEALTH_FIELD_IDS))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Mapping, NamedTuple, Optional,
-                    Sequence, Union)
+                    Sequence, Tuple, Union)
 
 import numpy as np
 import numpy.typing as npt
@@ -156,25 +156,38 @@ def _field_id(field: int | str) -> int:
 _SUFFIXES = ("_total", "_created", "_bucket", "_count", "_sum", "_gcount", "_gsum", "_info")
 
 
+# names, label sets, field id per name: what equal tables of two scrapes share
+_Tables = Tuple[Tuple[str, ...], Tuple[Tuple[Tuple[str, str], ...], ...], "npt.NDArray[np.int32]"]
+
+
 class Scrape:
     """One parsed ``/metrics`` body: per-sample numpy columns and dictionary tables."""
 
-    def __init__(self, raw: RawScrape, *, format: str, source: str | None = None) -> None:
+    def __init__(self, raw: RawScrape, *, format: str, source: str | None = None,
+                 tables: _Tables | None = None) -> None:
+        """``tables``: the names, label sets and per-name field ids of an earlier scrape whose
+        tables equal ``raw``'s (a :class:`Parser` passes them in the steady state)."""
         self.format = format
         self.source = source
         self.values: npt.NDArray[np.float64] = np.asarray(raw.values, dtype=np.float64)
         self.timestamps: npt.NDArray[np.int64] = np.asarray(raw.timestamps, dtype=np.int64)
         self.name_ids: npt.NDArray[np.int32] = np.asarray(raw.name_ids, dtype=np.int32)
         self.labelset_ids: npt.NDArray[np.int32] = np.asarray(raw.labelset_ids, dtype=np.int32)
-        self.names: tuple[str, ...] = tuple(raw.names)
-        self.labelsets: tuple[tuple[tuple[str, str], ...], ...] = tuple(raw.labelsets)
-        self.errors: list[SampleError] = [SampleError(*e) for e in raw.errors]
+        self.errors: list[SampleError] = [SampleError(*e) for e in raw.errors] if raw.errors else []
         #: Every rejected line, including those past the ``errors`` cap.
         self.n_errors: int = raw.n_errors
         self._families_raw = raw.families
-        # One field-table lookup per distinct name, then a vectorised take.
-        self.name_field_ids: npt.NDArray[np.int32] = np.fromiter(
-            (_fields.id_of(n) for n in self.names), dtype=np.int32, count=len(self.names))
+        self.names: tuple[str, ...]
+        self.labelsets: tuple[tuple[tuple[str, str], ...], ...]
+        self.name_field_ids: npt.NDArray[np.int32]
+        if tables is not None:
+            self.names, self.labelsets, self.name_field_ids = tables
+        else:
+            self.names = tuple(raw.names)
+            self.labelsets = tuple(raw.labelsets)
+            # One field-table lookup per distinct name, then a vectorised take.
+            self.name_field_ids = np.fromiter(
+                (_fields.id_of(n) for n in self.names), dtype=np.int32, count=len(self.names))
         self.field_ids: npt.NDArray[np.int32] = (self.name_field_ids[self.name_ids] if len(self.name_ids)
                                                  else np.empty(0, dtype=np.int32))
 
@@ -311,22 +324,26 @@ class Scrape:
                                                self.labelset_ids if labelset_ids is None else labelset_ids]
         if keep is not None:
             cols = [c[keep] for c in cols]
-        raw = RawScrape(cols[0], cols[1], cols[2], cols[3], list(self.names if names is None else names),
-                        list(self.labelsets if labelsets is None else labelsets), self._families_raw,
-                        [(e.line, e.column, e.reason) for e in self.errors], self.n_errors, 0)
-        return Scrape(raw, format=self.format, source=self.source)
+        names_t = self.names if names is None else tuple(names)
+        ls_t = self.labelsets if labelsets is None else tuple(labelsets)
+        raw = RawScrape(cols[0], cols[1], cols[2], cols[3], names_t, ls_t, self._families_raw,
+                        self.errors, self.n_errors, 0)
+        # the field ids go with the names: reused unless the names change
+        return Scrape(raw, format=self.format, source=self.source,
+                      tables=None if names is not None else (names_t, ls_t, self.name_field_ids))
 
     def extended(self, other: "Scrape") -> "Scrape":
         """This scrape followed by ``other``'s samples (tables concatenated; metadata merged)."""
         no, lo = len(self.names), len(self.labelsets)
+        names, labelsets = self.names + other.names, self.labelsets + other.labelsets
         raw = RawScrape(np.concatenate([self.values, other.values]),
                         np.concatenate([self.timestamps, other.timestamps]),
                         np.concatenate([self.name_ids, other.name_ids + no]).astype(np.int32),
                         np.concatenate([self.labelset_ids, other.labelset_ids + lo]).astype(np.int32),
-                        list(self.names + other.names), list(self.labelsets + other.labelsets),
-                        {**other._families_raw, **self._families_raw},
-                        [(e.line, e.column, e.reason) for e in self.errors], self.n_errors, 0)
-        return Scrape(raw, format=self.format, source=self.source)
+                        names, labelsets, {**other._families_raw, **self._families_raw}, self.errors,
+                        self.n_errors, 0)
+        return Scrape(raw, format=self.format, source=self.source, tables=(
+            names, labelsets, np.concatenate([self.name_field_ids, other.name_field_ids])))
 
     def with_labels(self, extra: Mapping[str, str], *, honor_labels: bool = True,
                     memo: dict[str, Any] | None = None) -> "Scrape":
@@ -468,6 +485,7 @@ class Parser:
         self.max_errors = max_errors
         self._parse_raw = _raw_parser(implementation)
         self._memo: Memo = {}
+        self._last: tuple[Sequence[str], Sequence[tuple[tuple[str, str], ...]], _Tables] | None = None
 
     def parse(self, data: Buffer, *, source: str | None = None, content_type: str | None = None) -> Scrape:
         """Parse one body. ``content_type`` (the HTTP header) picks the format when this parser's is auto."""
@@ -483,7 +501,14 @@ class Parser:
 
             validate(bytes(buf), source=source)
         raw = self._parse_raw(buf, om, self.strict, self.max_errors, source, self._memo)
-        return Scrape(raw, format=fmt, source=source)
+        # An exporter sends the same names and label sets every scrape: the tables built from
+        # the last body (tuples, field ids) are handed on while equal (two list compares, in C).
+        last = self._last
+        if last is not None and last[0] == raw.names and last[1] == raw.labelsets:
+            return Scrape(raw, format=fmt, source=source, tables=last[2])
+        scrape = Scrape(raw, format=fmt, source=source)
+        self._last = (raw.names, raw.labelsets, (scrape.names, scrape.labelsets, scrape.name_field_ids))
+        return scrape
 
 
 _shared: dict[tuple[str | None, str, bool, int], Parser] = {}
