@@ -427,3 +427,33 @@ def test_memo_keeps_no_huge_label_blocks_or_comments(impl):
         assert len(s) == 2 and dict(s.labelsets[s.labelset_ids[0]])["a"].startswith(str(i))
     assert all(len(k) <= MEMO_MAX_KEY for k in p._memo)
     assert sum(len(k) for k in p._memo) < 10_000
+
+
+@pytest.mark.parametrize("impl", ["py", pytest.param("c", marks=pytest.mark.c_extension)])
+@pytest.mark.parametrize("fmt", ["prometheus", "openmetrics"])
+def test_a_reused_parser_reads_metadata_lines_as_a_new_one_does(impl, fmt):
+    # A reused Parser applies remembered HELP/TYPE/UNIT lines without re-parsing them (the
+    # native core without a Python call): families, duplicates reported and '# EOF' must be
+    # exactly those of a fresh parser, scrape after scrape, and the two formats' escapes apart.
+    body = (b'# HELP g A gauge\\\\ with \\"escapes\\"\n# TYPE g gauge\n# UNIT g celsius\n# plain comment\n'
+            b'g{gpu="0"} 1\n# HELP g again\n# TYPE c counter\nc_total{gpu="0"} 2\n')
+    if fmt == "openmetrics":
+        body += b"# EOF\n"
+    fresh = dcgmrelay.parse(body, format=fmt, implementation=impl)
+    p = dcgmrelay.Parser(format=fmt, implementation=impl)
+    for _ in range(3):
+        s = p.parse(body)
+        assert s.families == fresh.families
+        assert [tuple(e) for e in s.errors] == [tuple(e) for e in fresh.errors]
+        assert len(s.errors) == 1 and "duplicate '# HELP' line for g" in s.errors[0].reason
+        assert s.values.tolist() == fresh.values.tolist() == [1.0, 2.0]
+    # one parser, both formats in turn (a target that switches): each gets its own format's escapes
+    text, om = body.replace(b"# EOF\n", b""), body if fmt == "openmetrics" else body + b"# EOF\n"
+    p = dcgmrelay.Parser(implementation=impl)
+    for _ in range(2):
+        for b, f in ((text, "prometheus"), (om, "openmetrics")):
+            want = dcgmrelay.parse(b, format=f, implementation=impl).families["g"].help
+            assert p.parse(b, content_type=("application/openmetrics-text; version=1.0.0" if f == "openmetrics"
+                                            else "text/plain; version=0.0.4")).families["g"].help == want
+    assert dcgmrelay.parse(text, format="prometheus", implementation=impl).families["g"].help == 'A gauge\\ with \\"escapes\\"'
+    assert dcgmrelay.parse(om, format="openmetrics", implementation=impl).families["g"].help == 'A gauge\\ with "escapes"'

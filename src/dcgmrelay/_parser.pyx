@@ -14,7 +14,7 @@
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_DecodeASCII
 from cpython.object cimport PyObject
 
@@ -248,6 +248,7 @@ cdef class _Parser:
     cdef object builder
     cdef dict memo
     cdef dict ls_by_key          # the Builder's tables, updated here directly on the hot path
+    cdef dict families
     cdef list labelsets
     # label-name sequence (bytes, comma-joined) -> (names as str, permutation sorting them):
     # a scrape has a handful of label schemas, so names are decoded and sorted once per schema
@@ -286,6 +287,36 @@ cdef class _Parser:
         free(self.blk_off)
         free(self.blk_len)
         free(self.succ)
+
+    cdef int comment_seen(self, const unsigned char* line, Py_ssize_t n) except -1:
+        """Builder.comment's steady state without a Python call per line: a HELP/TYPE/UNIT line
+        (or plain comment) already in the memo is applied here. 0 sends the line to the
+        Builder: not remembered, '# EOF', or a duplicate it must report."""
+        if self.memo is None:
+            return 0
+        cdef Py_ssize_t pre = 2 if self.om else 1  # the Builder's key: b"\n\x01" or b"\n", then the line
+        key = PyBytes_FromStringAndSize(NULL, pre + n)
+        cdef char* k = PyBytes_AS_STRING(key)
+        k[0] = 10
+        if self.om:
+            k[1] = 1
+        memcpy(k + pre, line, n)
+        rec = self.memo.get(key)
+        if rec is None or type(rec) is not tuple:
+            return 0
+        cdef tuple r = <tuple>rec
+        if len(r) == 0:
+            return 1  # a plain comment
+        if len(r) != 4:
+            return 0  # '# EOF'
+        slot, name, value = r[0], r[1], r[2]
+        fam = self.families.get(name)
+        if fam is None:
+            fam = self.families[name] = [None, None, None]
+        if (<list>fam)[slot] is not None:
+            return 0
+        (<list>fam)[slot] = value
+        return 1
 
     cdef object parse_block_fast(self, const unsigned char* b, Py_ssize_t n):
         """Memo entry (ordered pairs, sorted pairs) of a plain label block, or None for the Builder.
@@ -431,9 +462,10 @@ cdef class _Parser:
             if p == lend:
                 continue
             if b[p] == 35:  # '#'
-                builder.comment(PyBytes_FromStringAndSize(<const char*>b + line_start, lend - line_start),
-                                p - line_start, lineno)
-                eof = builder.eof
+                if not self.comment_seen(b + line_start, lend - line_start):
+                    builder.comment(PyBytes_FromStringAndSize(<const char*>b + line_start, lend - line_start),
+                                    p - line_start, lineno)
+                    eof = builder.eof
                 continue
             if not self.fast_sample(p, lend, &nid, &lid, &v, &ts):
                 s = builder.sample(PyBytes_FromStringAndSize(<const char*>b + line_start, lend - line_start),
@@ -608,6 +640,7 @@ def parse_raw(data, bint om, bint strict, int max_errors, source, dict memo=None
     ps.memo = memo
     ps.ls_by_key = builder._ls_by_key
     ps.labelsets = builder.labelsets
+    ps.families = builder.families
     ps.base = b
     ps.om = om
 
