@@ -135,3 +135,13 @@ def test_relay_ingest_identical(benchmark: Any, name: str) -> None:
     assert len(batch) == len(first) and batch.stats.new_series == 0
     benchmark.extra_info["samples"] = len(first)
     record_ratio(benchmark, name, cur_body)
+
+
+def test_cycle_bench_runs_every_stage() -> None:
+    """``python benchmarks/cycle_bench.py`` (one scrape cycle, back to back and after a pause)
+    runs on the recorded payload; its figures are for reading, nothing here asserts on them."""
+    import cycle_bench
+
+    out = cycle_bench.run(cycle_bench.load("gpu8.prom"), cycles=8, pause=0.001)
+    assert list(out) == list(cycle_bench.STAGES)
+    assert all(v >= 0 for v in out.values())
