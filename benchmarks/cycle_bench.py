@@ -17,23 +17,13 @@ calls, numpy calls, objects), not only how many instructions it runs.
 from __future__ import annotations
 
 import argparse
-import gzip
 import statistics
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from process_bench import load  # the payloads, as the process benchmark reads them
 
 STAGES = ("parse", "bookkeeping", "labels", "health", "extend", "relay", "encode", "cycle")
-
-
-def load(name: str) -> bytes:
-    for p in (HERE / "payloads" / name, HERE / "payloads" / f"{name}.gz"):
-        if p.exists():
-            data = p.read_bytes()
-            return gzip.decompress(data) if p.suffix == ".gz" else data
-    raise SystemExit(f"no payload {name}")
 
 
 def run(body: bytes, cycles: int, pause: float) -> dict[str, float]:

@@ -153,6 +153,22 @@ def test_openmetrics_content_type_and_gzip_are_handled():
     assert r.scrape.timestamps.tolist() == [1700000000500]
 
 
+def _scrape_once_from(handle):
+    """One scrape of a raw TCP server whose connections ``handle(reader, writer)`` answers."""
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/metrics"
+        try:
+            sc = Scraper(lambda r: None)
+            r = await sc.scrape_once(Target(url, timeout_s=5))
+            await sc.aclose()
+            return r
+        finally:
+            server.close()
+
+    return asyncio.run(main())
+
+
 @pytest.mark.parametrize("coding, encode, chunked", [
     ("gzip", gzip.compress, False),
     ("x-gzip", gzip.compress, True),
@@ -179,18 +195,7 @@ def test_content_codings_are_decoded(coding, encode, chunked):
         await writer.drain()
         writer.close()
 
-    async def main():
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/metrics"
-        try:
-            sc = Scraper(lambda r: None)
-            r = await sc.scrape_once(Target(url, timeout_s=5))
-            await sc.aclose()
-            return r
-        finally:
-            server.close()
-
-    r = asyncio.run(main())
+    r = _scrape_once_from(handle)
     assert r.up, r.error
     assert r.body_bytes == len(body)
     assert r.scrape.values.tolist() == [40.0 + i for i in range(500)]
@@ -208,18 +213,7 @@ def test_undecodable_bodies_fail_the_scrape_with_a_reason(coding, data, message)
         await writer.drain()
         writer.close()
 
-    async def main():
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/metrics"
-        try:
-            sc = Scraper(lambda r: None)
-            r = await sc.scrape_once(Target(url, timeout_s=5))
-            await sc.aclose()
-            return r
-        finally:
-            server.close()
-
-    r = asyncio.run(main())
+    r = _scrape_once_from(handle)
     assert not r.up and message in r.error, r.error
 
 
