@@ -135,6 +135,52 @@ def test_collector_down_then_back_loses_nothing(tmp_path):
         rx.stop()
 
 
+def test_a_reload_that_adds_a_spool_replays_it(tmp_path):
+    """Without a spool the replay loop waits (no wake-up a second for nothing); a reload that
+    configures one starts replaying it: here the records a first run left while its collector
+    was down reach the collector through the second run, which started without a spool."""
+    rx = CompactReceiver().start()
+    node = SimulatedNode(2, seed=5, collect_interval=0.5)
+    spool = str(tmp_path / "spool")
+    fast_retry = {"retry": {"min_backoff": "50ms", "max_backoff": "100ms", "max_elapsed": "200ms"}}
+
+    def with_retry(cfg):
+        return C.merge(cfg, {"outputs": [{**C.config_to_dict(cfg, reveal_secrets=True)["outputs"][0],
+                                          **fast_retry}]})
+
+    async def main():
+        async with ExporterServer(node) as ex:
+            # run 1: the collector's port is closed, everything goes to the spool
+            down = with_retry(_cfg(target=[ex.url], compact=[f"http://127.0.0.1:{_free_port()}/api/v1/compact"],
+                                   spool_dir=spool))
+            first = RelayApp(down)
+            await _run_for(first, 1.6)
+            left = first.outputs[down.outputs[0].name].output.stats.spooled_batches
+            # run 2: no spool at first; the reload points it at run 1's spool and a live collector
+            plain = _cfg(target=[ex.url], compact=[rx.compact_url])
+            spooled = with_retry(_cfg(target=[ex.url], compact=[rx.compact_url], spool_dir=spool))
+            configs = iter([spooled])
+            second = RelayApp(plain, loader=lambda: next(configs))
+            task = asyncio.create_task(second.run(install_signals=False))
+            await asyncio.sleep(1.2)
+            before = len(rx.received_samples())
+            assert await second.reload()
+            await asyncio.sleep(3.0)
+            second.stop()
+            await task
+            return left, before, second
+
+    try:
+        left, before, second = asyncio.run(main())
+        assert left > 0
+        st = second.outputs[second.cfg.outputs[0].name].output.stats
+        assert st.replayed_batches >= left, (st.replayed_batches, left)
+        rx.flush()
+        assert len(rx.received_samples()) > before
+    finally:
+        rx.stop()
+
+
 def test_self_metrics_health_and_readiness():
     node = SimulatedNode(2, seed=4)
 

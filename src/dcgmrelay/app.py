@@ -186,6 +186,7 @@ class RelayApp:
         self._ready = False
         self._server: Optional[HttpServer] = None
         self._replay_task: Optional[asyncio.Task[None]] = None
+        self._outputs_rebuilt = asyncio.Event()  # the replay loop waits on it while no output spools
         self.batches_submitted = 0
         self.metrics.add_source("relay", lambda: relay_families(self.relay.stats.as_dict(), self.relay.series_count()))
         self.metrics.add_source("outputs", lambda: output_families(
@@ -249,6 +250,7 @@ class RelayApp:
         for name, oc in wanted.items():
             if name not in self.outputs:
                 self.outputs[name] = _OutputSlot(oc, cfg.spool)
+        self._outputs_rebuilt.set()
         self.cfg = cfg
         self.scraper.body_limit_bytes = cfg.global_body_size_limit
         self._relabel.clear()
@@ -389,6 +391,12 @@ class RelayApp:
     async def _replay_loop(self) -> None:
         """Drain each output's spool, oldest first, whenever that output can deliver again."""
         while True:
+            if not any(slot.spool is not None for slot in self.outputs.values()):
+                # nothing can be spooled (no spool configured): no wake-up a second for nothing,
+                # until a reload builds outputs again
+                self._outputs_rebuilt.clear()
+                await self._outputs_rebuilt.wait()
+                continue
             await asyncio.sleep(1.0)
             for slot in list(self.outputs.values()):
                 if slot.wal is not None:
