@@ -181,6 +181,27 @@ def test_a_reload_that_adds_a_spool_replays_it(tmp_path):
         rx.stop()
 
 
+def test_the_app_makes_its_asyncio_objects_on_the_loop_that_runs_it(monkeypatch):
+    """`dcgmrelay run` builds the RelayApp before asyncio.run() starts a loop. On Python 3.9 an
+    asyncio.Event made then binds another loop, and run() failed at once ("attached to a
+    different loop"); here an Event made outside a running loop fails on any Python."""
+    made_outside = []
+
+    class LoopBoundEvent(asyncio.Event):
+        def __init__(self) -> None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                made_outside.append(True)
+            super().__init__()
+
+    monkeypatch.setattr(asyncio, "Event", LoopBoundEvent)
+    app = RelayApp(_cfg(target=["http://127.0.0.1:9/metrics"], remote_write=["http://127.0.0.1:9/api/v1/write"]))
+    app.stop()  # asked to stop before it runs: run() returns at once
+    assert asyncio.run(asyncio.wait_for(app.run(install_signals=False), 15)) == 0
+    assert not made_outside
+
+
 def test_self_metrics_health_and_readiness():
     node = SimulatedNode(2, seed=4)
 

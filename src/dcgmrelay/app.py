@@ -182,11 +182,14 @@ class RelayApp:
         # per target: the label sets with the target's labels, reused while the exporter's
         # label sets stay the same (Scrape.with_labels' memo)
         self._label_memo: Dict[str, Dict[str, Any]] = {}
-        self._stop = asyncio.Event()
+        # asyncio objects are made in run(), on its loop: on Python 3.9 an Event made here binds
+        # the loop that get_event_loop() returns now, not the one asyncio.run() starts
+        self._stop: Optional[asyncio.Event] = None
+        self._stop_requested = False
         self._ready = False
         self._server: Optional[HttpServer] = None
         self._replay_task: Optional[asyncio.Task[None]] = None
-        self._outputs_rebuilt = asyncio.Event()  # the replay loop waits on it while no output spools
+        self._outputs_rebuilt: Optional[asyncio.Event] = None  # the replay loop waits on it while no output spools
         self.batches_submitted = 0
         self.metrics.add_source("relay", lambda: relay_families(self.relay.stats.as_dict(), self.relay.series_count()))
         self.metrics.add_source("outputs", lambda: output_families(
@@ -201,11 +204,17 @@ class RelayApp:
         return self._server.url if self._server else None
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop_requested = True
+        if self._stop is not None:
+            self._stop.set()
 
     async def run(self, *, install_signals: bool = True) -> int:
         """Run until stopped; returns the exit code."""
         loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        if self._stop_requested:
+            self._stop.set()
+        self._outputs_rebuilt = asyncio.Event()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
@@ -250,7 +259,8 @@ class RelayApp:
         for name, oc in wanted.items():
             if name not in self.outputs:
                 self.outputs[name] = _OutputSlot(oc, cfg.spool)
-        self._outputs_rebuilt.set()
+        if self._outputs_rebuilt is not None:
+            self._outputs_rebuilt.set()
         self.cfg = cfg
         self.scraper.body_limit_bytes = cfg.global_body_size_limit
         self._relabel.clear()
@@ -394,6 +404,7 @@ class RelayApp:
             if not any(slot.spool is not None for slot in self.outputs.values()):
                 # nothing can be spooled (no spool configured): no wake-up a second for nothing,
                 # until a reload builds outputs again
+                assert self._outputs_rebuilt is not None  # made by run(), which starts this loop
                 self._outputs_rebuilt.clear()
                 await self._outputs_rebuilt.wait()
                 continue
@@ -430,7 +441,7 @@ class RelayApp:
         if path == "/healthz":
             return 200, {"Content-Type": "text/plain"}, b"ok\n"
         if path == "/readyz":
-            ok = self._ready and not self._stop.is_set()
+            ok = self._ready and not self._stop_requested
             return (200 if ok else 503), {"Content-Type": "text/plain"}, b"ready\n" if ok else b"not ready\n"
         return 404, {"Content-Type": "text/plain"}, b"not found\n"
 
