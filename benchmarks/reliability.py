@@ -414,6 +414,7 @@ class RelayProcess:
         self.peak_rss_kib = 0
         self.last_metrics: Dict[Any, float] = {}
         self.exit_codes: List[Optional[int]] = []
+        self.stop_ms: List[int] = []  # wall-clock ms of each SIGTERM
         self._stop_poll = threading.Event()
         self._poller: Optional[threading.Thread] = None
 
@@ -493,6 +494,7 @@ class RelayProcess:
             with contextlib.suppress(httpx.HTTPError):
                 self.metrics()
             self._read_hwm(self.proc.pid)
+            self.stop_ms.append(int(time.time() * 1000))
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
@@ -558,6 +560,11 @@ class Account:
     failed_unserved: int = 0
     series: int = 0
     lost_at_ms: List[int] = dataclasses.field(default_factory=list)
+    # scrapes in progress when the relay was told to stop (SIGTERM): requested within a scrape
+    # timeout of the signal (the exporter may serve them just after it), none of their samples
+    # relayed. Shutdown abandons a scrape it has not read yet, as Prometheus does; at most one
+    # per exporter per stop, so these are counted apart from the lost.
+    abandoned_at_stop_ms: List[int] = dataclasses.field(default_factory=list)
 
 
 def _rows(export: List[Dict[str, Any]]) -> Tuple[Counter, Counter, Dict[int, float], int]:
@@ -579,7 +586,8 @@ def _rows(export: List[Dict[str, Any]]) -> Tuple[Counter, Counter, Dict[int, flo
 
 
 def account(served_ms: Sequence[int], kept: int, export: List[Dict[str, Any]],
-            timeout_ms: int = int(TIMEOUT_S * 1000), interval_ms: int = int(INTERVAL_S * 1000)) -> Account:
+            timeout_ms: int = int(TIMEOUT_S * 1000), interval_ms: int = int(INTERVAL_S * 1000),
+            stops_ms: Sequence[int] = ()) -> Account:
     """Match served scrapes to received timestamps: the scrape that started at ``t`` reached the
     exporter at ``t <= s <= t + timeout``. A scrape the relay reported failed (``up`` = 0, no
     samples) may have reached the exporter later (the relay gave up first), before the next tick."""
@@ -612,6 +620,8 @@ def account(served_ms: Sequence[int], kept: int, export: List[Dict[str, Any]],
             if ts is not None and up.get(ts) == 0.0 and got == 0:
                 a.failed_scrapes += 1
                 a.failed_samples += kept
+            elif got == 0 and any(k - timeout_ms <= s <= k + timeout_ms for k in stops_ms):
+                a.abandoned_at_stop_ms.append(s)
             else:
                 a.lost += kept - got
                 a.lost_scrapes += 1
@@ -747,7 +757,7 @@ def _finish(h: Harness, res: ScenarioResult, relay: RelayProcess, exporters: Seq
     res.duration_s = h.finished[id(relay)]["duration_s"]
     export = export or h.vm_export
     for ex in exporters:
-        a = account(ex.served_ms, ex.kept_per_scrape, export(ex.instance))
+        a = account(ex.served_ms, ex.kept_per_scrape, export(ex.instance), stops_ms=relay.stop_ms)
         res.scrapes += a.scrapes
         res.sent += a.sent
         res.received += a.received
@@ -762,6 +772,10 @@ def _finish(h: Harness, res: ScenarioResult, relay: RelayProcess, exporters: Seq
         res.facts.setdefault("series", []).append(a.series)
         res.facts.setdefault("kept_per_scrape", []).append(ex.kept_per_scrape)
         res.facts.setdefault("lost_at_ms", []).extend(a.lost_at_ms)
+        res.facts.setdefault("abandoned_at_stop_ms", []).extend(a.abandoned_at_stop_ms)
+        res.facts["abandoned_at_stop_samples"] = (res.facts.get("abandoned_at_stop_samples", 0)
+                                                  + len(a.abandoned_at_stop_ms) * ex.kept_per_scrape)
+    res.facts["stops"] = len(relay.stop_ms)
     res.peak_rss_mib = relay.peak_rss_kib / 1024
     res.relay_runs = relay.runs
     res.exit_codes = list(relay.exit_codes)
@@ -1221,6 +1235,11 @@ How each figure is obtained:
   A received timestamp that matches no served scrape would be reported (there were none).
 - **lost** = sent − received, scrape by scrape. A scrape the relay itself reported failed (`up` = 0
   relayed, e.g. a timeout on a loaded machine) is not counted as lost; the notes list such scrapes.
+  Nor is a scrape in progress when the relay is told to stop (SIGTERM): shutdown flushes every
+  batch but abandons a page it has not read yet, as Prometheus does, and the exporter may even
+  serve that request just after the signal. Such a scrape is one whose request reached the
+  exporter within a scrape timeout of a SIGTERM and of which nothing arrived; the notes list them
+  (`abandoned_at_stop_ms`), at most one per exporter per stop (checked).
 - **duplicated**: the proxy decodes every request the receiver accepted (2xx) and counts each
   (series, timestamp) it forwarded; every copy after the first is a duplicate. VictoriaMetrics keeps
   duplicate samples (an export lists each copy; checked), so its export gives an independent count
