@@ -276,6 +276,40 @@ def test_static_target_relabeling_follows_prometheus():
     assert (b.url, b.interval_s, b.timeout_s) == ("https://10.0.0.2:9500/m/", 60.0, 10.0)
 
 
+def test_static_target_empty_valued_labels_are_left_out():
+    """As in Prometheus (and for discovered targets): a label with an empty value is no label,
+    with relabeling or without."""
+    cfg = load_config(yml("""
+        targets:
+          - name: plain
+            endpoints: [{address: "10.0.0.1:9400", labels: {rack: "", zone: a}}]
+          - name: relabeled
+            relabel_configs: [{target_label: zone, replacement: b}]
+            endpoints: [{address: "10.0.0.2:9400", labels: {rack: ""}}]
+        """))
+    a, b = static_targets(cfg)
+    assert dict(a.labels) == {"job": "plain", "zone": "a", "instance": "10.0.0.1:9400"}
+    assert dict(b.labels) == {"job": "relabeled", "zone": "b", "instance": "10.0.0.2:9400"}
+
+
+def test_static_target_with_unusable_relabeled_labels_is_dropped_with_a_warning(caplog):
+    cfg = load_config(yml("""
+        targets:
+          - name: dcgm
+            relabel_configs:
+              - {source_labels: [__address__], regex: "10\\\\.0\\\\.0\\\\.1:.*", target_label: __scrape_interval__,
+                 replacement: soon}
+            endpoints:
+              - address: 10.0.0.1:9400
+              - address: 10.0.0.2:9400
+        """))
+    with caplog.at_level("WARNING", logger="dcgmrelay.config"):
+        [t] = static_targets(cfg)
+    assert t.url == "http://10.0.0.2:9400/metrics"
+    [msg] = [r.getMessage() for r in caplog.records]
+    assert msg.startswith("target targets[0].endpoints[0] (job dcgm): __scrape_interval__ 'soon' is not a duration")
+
+
 def test_credentials_env_is_read_when_targets_are_built():
     cfg = load_config("targets: [{name: a, endpoints: [{address: 'h:1', authorization: "
                       "{credentials_env: DCGM_TOKEN}}]}]\n")

@@ -276,6 +276,24 @@ def test_pod_targets_relabel_configs():
     assert (t.interval_s, t.timeout_s) == (60.0, 20.0)
 
 
+def test_pod_targets_relabeling_sees_prometheus_durations_and_bad_results_are_dropped(caplog):
+    """The rules see __scrape_interval__/__scrape_timeout__ as Prometheus writes them (500ms,
+    1m30s); a result that cannot be scraped (here a bad interval) is no target and a warning
+    naming the pod and port, the other targets stay."""
+    mon = PodMonitor.from_dict({"name": "m", "endpoints": [{"port": "metrics", "interval": "90s",
+                                                            "scrapeTimeout": "500ms"}],
+                                "relabelConfigs": [
+        {"source_labels": ["__scrape_interval__", "__scrape_timeout__"], "target_label": "seen"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "regex": "bad", "target_label": "__scrape_interval__",
+         "replacement": "often"}]})
+    (t,) = pod_targets(_pod(), mon, check_selector=False)
+    assert (t.labels["seen"], t.interval_s, t.timeout_s) == ("1m30s;500ms", 90.0, 0.5)
+    with caplog.at_level("WARNING", logger="dcgmrelay.discovery.kubernetes"):
+        assert pod_targets(_pod(name="bad"), mon, check_selector=False) == []
+    [msg] = [r.getMessage() for r in caplog.records]
+    assert msg.startswith("target m pod gpu-monitoring/bad port 9400: __scrape_interval__ 'often' is not a duration")
+
+
 def test_pod_targets_carry_endpoint_auth_tls_and_metric_relabeling():
     """What a PodMonitor endpoint says about how to scrape reaches every discovered target:
     the config's basicAuth/authorization/tlsConfig (secrets stay Secret objects) and its

@@ -24,7 +24,7 @@ Native schema (every key optional unless marked; durations are Prometheus string
             interval: 15s
             timeout: 5s              # <= interval
             params: {collect: [a, b]}
-            labels: {cluster: gpu-a} # extra target labels (static only)
+            labels: {cluster: gpu-a} # extra target labels (static only; an empty value adds none)
             tls: {ca_file, cert_file, key_file, insecure_skip_verify, server_name}
             basic_auth: {username, password | password_file}
             authorization: {type: Bearer, credentials | credentials_file | credentials_env}
@@ -115,6 +115,7 @@ import argparse
 import copy
 import difflib
 import hmac
+import logging
 import os
 import re
 import stat
@@ -137,7 +138,14 @@ from urllib.parse import parse_qsl, urlsplit
 from ._secret import Secret, reveal
 from .errors import DcgmRelayError
 from .relabel import RelabelError, compile_rules
-from .targets import DEFAULT_BODY_SIZE_LIMIT, Target
+from .targets import (
+    DEFAULT_BODY_SIZE_LIMIT,
+    Target,
+    TargetLabelError,
+    format_duration,
+    scrape_labels,
+    target_from_labels,
+)
 
 __all__ = [
     "Authorization",
@@ -178,6 +186,8 @@ __all__ = [
     "secret_file_warnings",
     "static_targets",
 ]
+
+log = logging.getLogger(__name__)
 
 WHATAP_API_VERSION = "monitoring.whatap.com/v2alpha1"
 WHATAP_DEFAULT_NAMESPACE = "whatap-monitoring"
@@ -376,21 +386,6 @@ def parse_duration(value: Union[str, int, float]) -> float:
         raise ValueError(f"invalid duration {value!r}: use a Prometheus duration such as 15s, 1m30s, "
                          "500ms, 2h, or a number of seconds")
     return sum(int(g) * u for g, u in zip(m.groups(), _DURATION_UNITS) if g)
-
-
-def format_duration(seconds: float) -> str:
-    """Prometheus form of a number of seconds: 90 -> ``"1m30s"``, 0.5 -> ``"500ms"``, 0 -> ``"0s"``."""
-    ms_total = round(seconds * 1000)
-    if abs(ms_total - seconds * 1000) > 1e-6:
-        return repr(float(seconds))
-    if ms_total == 0:
-        return "0s"
-    out = []
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)):
-        n, ms_total = divmod(ms_total, size)
-        if n:
-            out.append(f"{n}{unit}")
-    return "".join(out)
 
 
 def parse_size(value: Union[str, int]) -> int:
@@ -2624,10 +2619,13 @@ def _tls_target(t: Optional[TLSConfig]) -> Dict[str, object]:
 
 def static_targets(cfg: RelayConfig, env: Optional[Mapping[str, str]] = None) -> List[Target]:
     """:class:`~dcgmrelay.targets.Target` objects for every static endpoint, after the target's
-    ``relabel_configs`` (Prometheus semantics: ``job``, ``__address__``, ``__scheme__``,
+    ``relabel_configs``, with Prometheus semantics (:func:`dcgmrelay.targets.scrape_labels` and
+    :func:`dcgmrelay.targets.target_from_labels`): ``job``, ``__address__``, ``__scheme__``,
     ``__metrics_path__``, ``__scrape_interval__``, ``__scrape_timeout__``, ``__param_<name>`` and the
-    endpoint's ``labels`` go in; a dropped set gives no target; ``instance`` defaults to
-    ``__address__``; ``__*`` labels are removed).
+    endpoint's ``labels`` go in; a dropped set gives no target; labels with an empty value are
+    left out; ``instance`` defaults to ``__address__``; ``__*`` labels are removed. A set whose
+    address, scheme, interval or timeout cannot be used gives no target and a logged warning
+    (Prometheus drops it with an error too).
 
     ``auth`` holds :class:`Secret` objects (``auth["bearer_token"]``, the password of
     ``auth["basic"]``): the HTTP client calls :func:`reveal` on them, so a logged
@@ -2643,54 +2641,24 @@ def static_targets(cfg: RelayConfig, env: Optional[Mapping[str, str]] = None) ->
         rules = compile_rules(t.relabel_configs, path=f"targets[{ti}].relabel_configs") if t.relabel_configs else None
         for ei, ep in enumerate(t.endpoints):
             where = f"targets[{ti}].endpoints[{ei}]"
-            labels: Dict[str, str] = {
-                "job": t.name,
-                "__address__": ep.address or "",
-                "__scheme__": ep.scheme,
-                "__metrics_path__": ep.path,
-                "__scrape_interval__": format_duration(ep.interval),
-                "__scrape_timeout__": format_duration(ep.timeout),
-            }
-            for k, vals in ep.params.items():
-                if vals:
-                    labels[f"__param_{k}"] = vals[0]
+            labels = scrape_labels(job=t.name, address=ep.address or "", scheme=ep.scheme, path=ep.path,
+                                   interval_s=ep.interval, timeout_s=ep.timeout, params=ep.params)
             labels.update(ep.labels)
             if rules is not None:
                 res = rules.apply(labels)
                 if res is None:
                     continue
                 labels = res
-            address = labels.get("__address__", "")
-            if not address:
-                continue
-            scheme = labels.get("__scheme__", ep.scheme) or ep.scheme
-            path = labels.get("__metrics_path__", ep.path) or "/"
-            if not path.startswith("/"):
-                path = "/" + path
             try:
-                interval = parse_duration(labels.get("__scrape_interval__", ""))
-                timeout = parse_duration(labels.get("__scrape_timeout__", ""))
-            except ValueError:
-                interval, timeout = ep.interval, ep.timeout
-            params = {k: list(vals) for k, vals in ep.params.items()}
-            for name, val in labels.items():
-                if name.startswith("__param_"):
-                    pname = name[len("__param_"):]
-                    params[pname] = [val] + list(params.get(pname, [])[1:])
-            final = {k: val for k, val in labels.items() if not k.startswith("__")}
-            final.setdefault("instance", address)
-            tls = _tls_target(ep.tls)
-            out.append(Target(
-                url=f"{scheme}://{address}{path}",
-                labels=final,
-                interval_s=interval,
-                timeout_s=min(timeout, interval),
-                params=params,
-                auth=_auth_of(ep, where, env),
-                tls=tls,
-                metric_relabel=tuple(ep.metric_relabel_configs),
-                job=final.get("job", t.name),
-            ))
+                target = target_from_labels(labels, name=f"{where} (job {t.name})", job=t.name, scheme=ep.scheme,
+                                            interval_s=ep.interval, timeout_s=ep.timeout, params=ep.params,
+                                            auth=_auth_of(ep, where, env), tls=_tls_target(ep.tls),
+                                            metric_relabel=ep.metric_relabel_configs)
+            except TargetLabelError as exc:
+                log.warning("%s; it is not scraped", exc)
+                continue
+            if target is not None:
+                out.append(target)
     return out
 
 

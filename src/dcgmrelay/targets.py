@@ -4,15 +4,36 @@ A :class:`TargetSource` yields the *whole* current set of targets each time it
 changes; the scrape manager diffs consecutive sets by :attr:`Target.key`. Static
 targets are a source that yields once; Kubernetes discovery is a source that
 yields on every pod change. Sharding is applied to any source's output.
+
+Both sources describe a target as a label set first, as Prometheus does:
+:func:`scrape_labels` is the set relabeling starts from (``job``, ``__address__``,
+``__scheme__``, ``__metrics_path__``, ``__scrape_interval__``,
+``__scrape_timeout__``, ``__param_<name>``) and :func:`target_from_labels` the
+target a relabeled set means (Prometheus' ``scrape.PopulateLabels``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import AsyncIterator, Dict, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
-__all__ = ["DEFAULT_BODY_SIZE_LIMIT", "StaticTargets", "Target", "TargetSource", "shard_of", "shard_targets"]
+from .errors import DcgmRelayError
+
+__all__ = [
+    "DEFAULT_BODY_SIZE_LIMIT",
+    "StaticTargets",
+    "Target",
+    "TargetLabelError",
+    "TargetSource",
+    "format_duration",
+    "scrape_labels",
+    "shard_of",
+    "shard_targets",
+    "target_from_labels",
+]
 
 #: A scrape whose body (after decompression) grows past this many bytes fails (the
 #: config's ``global.body_size_limit``, Prometheus' ``body_size_limit``). A 1,024-GPU
@@ -106,3 +127,141 @@ def shard_targets(targets: Sequence[Target], index: int, count: int) -> list[Tar
     if not 0 <= index < count:
         raise ValueError(f"shard index must be in 0..{count - 1}, not {index}")
     return [t for t in targets if shard_of(t.key, count) == index]
+
+
+# ------------------------------------------------------------------------------ label set -> target
+
+
+class TargetLabelError(DcgmRelayError, ValueError):
+    """A (relabeled) target label set that names no valid scrape: an ``__address__``,
+    ``__scheme__``, ``__scrape_interval__`` or ``__scrape_timeout__`` that cannot be used.
+
+    ``target`` names the target as the caller did (a config path, a pod and port),
+    ``label`` is the special label at fault, ``message`` what is wrong with it.
+    """
+
+    def __init__(self, target: str, label: str, message: str) -> None:
+        self.target, self.label, self.message = target, label, message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"target {self.target}: {self.label} {self.message}"
+
+    def __reduce__(self) -> Tuple[type[TargetLabelError], Tuple[str, str, str]]:
+        return (TargetLabelError, (self.target, self.label, self.message))
+
+
+_DURATION_RE = re.compile(r"(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?\Z")
+_DURATION_UNITS = (365 * 86400.0, 7 * 86400.0, 86400.0, 3600.0, 60.0, 1.0, 0.001)
+# host[:port]: a bracketed IPv6 address (zone allowed) or a name / IPv4 address without the
+# characters that would end or change the authority of a URL.
+_ADDRESS_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+(?:%[\w.~-]+)?\]|[^\s/?#@\[\]:\\]+)(?::(\d{1,5}))?\Z")
+
+
+def format_duration(seconds: float) -> str:
+    """Prometheus form of a number of seconds: 90 -> ``"1m30s"``, 0.5 -> ``"500ms"``, 0 -> ``"0s"``."""
+    ms_total = round(seconds * 1000)
+    if abs(ms_total - seconds * 1000) > 1e-6:
+        return repr(float(seconds))
+    if ms_total == 0:
+        return "0s"
+    out = []
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms", 1)):
+        n, ms_total = divmod(ms_total, size)
+        if n:
+            out.append(f"{n}{unit}")
+    return "".join(out)
+
+
+def _duration_label(target: str, label: str, value: str) -> float:
+    """Seconds of a ``__scrape_interval__`` / ``__scrape_timeout__`` value (a Prometheus
+    duration such as ``15s``, ``1m30s``, ``500ms``, or a number of seconds); more than 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        m = _DURATION_RE.match(value)
+        if not value or m is None:
+            raise TargetLabelError(target, label, f"{value!r} is not a duration (e.g. 15s, 1m30s, 500ms)") from None
+        seconds = sum(int(g) * u for g, u in zip(m.groups(), _DURATION_UNITS) if g)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise TargetLabelError(target, label, f"{value!r} is not a duration of more than 0")
+    return seconds
+
+
+def scrape_labels(*, job: str, address: str, scheme: str, path: str, interval_s: float, timeout_s: float,
+                  params: Optional[Mapping[str, Sequence[str]]] = None) -> Dict[str, str]:
+    """The labels a target's relabeling starts from, as Prometheus sets them: ``job``,
+    ``__address__``, ``__scheme__``, ``__metrics_path__``, ``__scrape_interval__`` and
+    ``__scrape_timeout__`` (Prometheus durations: ``15s``, ``1m30s``, ``500ms``) and
+    ``__param_<name>`` (the first value of each URL parameter). The caller adds its own
+    target labels and meta labels."""
+    labels = {"job": job, "__address__": address, "__scheme__": scheme, "__metrics_path__": path,
+              "__scrape_interval__": format_duration(interval_s), "__scrape_timeout__": format_duration(timeout_s)}
+    for k, vals in (params or {}).items():
+        if vals:
+            labels[f"__param_{k}"] = vals[0]
+    return labels
+
+
+def target_from_labels(labels: Mapping[str, str], *, name: str, job: str = "", scheme: str = "http",
+                       interval_s: float = 15.0, timeout_s: float = 10.0,
+                       params: Optional[Mapping[str, Sequence[str]]] = None,
+                       auth: Optional[Mapping[str, object]] = None, tls: Optional[Mapping[str, object]] = None,
+                       metric_relabel: Sequence[Mapping[str, object]] = ()) -> Optional[Target]:
+    """The :class:`Target` a relabeled target label set means (Prometheus' ``PopulateLabels``),
+    or None when it has no ``__address__`` (no target, as when a rule drops the set).
+
+    * A label with an empty value is an absent label (Prometheus: the same thing), so it is
+      neither a target label nor a special one.
+    * ``__address__``: ``host[:port]`` (an IPv6 host in brackets); the URL's authority.
+    * ``__scheme__``: ``http`` or ``https`` (any case); absent: ``scheme``.
+    * ``__metrics_path__``: the URL path (a leading ``/`` is added); absent: ``/``.
+    * ``__scrape_interval__`` / ``__scrape_timeout__``: Prometheus durations (``15s``,
+      ``1m30s``, ``500ms``) or numbers of seconds, more than 0; absent: ``interval_s`` /
+      ``timeout_s``. A timeout longer than the interval is cut to the interval.
+    * ``__param_<name>``: the first value of URL parameter ``<name>`` (its further values in
+      ``params`` stay); ``params`` without such a label are sent as they are.
+    * Every other label starting with ``__`` (``__meta_*``, ``__tmp_*`` ...) is removed; the
+      rest are the target's labels, ``instance`` defaulting to ``__address__``.
+      ``Target.job`` is the ``job`` label, else ``job``.
+
+    An unusable address, scheme, interval or timeout raises :class:`TargetLabelError`
+    naming the target by ``name`` (Prometheus drops such a target with an error).
+    ``params``, ``auth``, ``tls`` and ``metric_relabel`` go into the target as they are.
+    """
+    present = {k: v for k, v in labels.items() if v != ""}
+    address = present.get("__address__")
+    if address is None:
+        return None
+    m = _ADDRESS_RE.match(address)
+    if m is None or (m.group(1) is not None and int(m.group(1)) > 65535):
+        raise TargetLabelError(name, "__address__", f"{address!r} is not host:port (an IPv6 host in brackets)")
+    t_scheme = present.get("__scheme__", scheme)
+    if t_scheme.lower() not in ("http", "https"):
+        raise TargetLabelError(name, "__scheme__", f"{t_scheme!r} is not http or https")
+    t_scheme = t_scheme.lower()
+    path = present.get("__metrics_path__", "/")
+    if not path.startswith("/"):
+        path = "/" + path
+    interval = (_duration_label(name, "__scrape_interval__", present["__scrape_interval__"])
+                if "__scrape_interval__" in present else float(interval_s))
+    timeout = (_duration_label(name, "__scrape_timeout__", present["__scrape_timeout__"])
+               if "__scrape_timeout__" in present else float(timeout_s))
+    t_params = {k: list(v) for k, v in (params or {}).items()}
+    for k, v in present.items():
+        if k.startswith("__param_"):
+            pname = k[len("__param_"):]
+            t_params[pname] = [v] + t_params.get(pname, [])[1:]
+    final = {k: v for k, v in present.items() if not k.startswith("__")}
+    final.setdefault("instance", address)
+    return Target(
+        url=f"{t_scheme}://{address}{path}",
+        labels=final,
+        interval_s=interval,
+        timeout_s=min(timeout, interval),
+        params=t_params,
+        auth=dict(auth or {}),
+        tls=dict(tls or {}),
+        metric_relabel=tuple(metric_relabel),
+        job=final.get("job", job),
+    )

@@ -104,7 +104,7 @@ from urllib.parse import quote
 import httpx
 
 from ..relabel import compile_rules
-from ..targets import Target
+from ..targets import Target, TargetLabelError, scrape_labels, target_from_labels
 
 __all__ = [
     "KubeAPIError",
@@ -555,7 +555,10 @@ def pod_targets(pod: Mapping[str, Any], monitor: PodMonitor, *, default_interval
     (``__meta_kubernetes_namespace``, ``__meta_kubernetes_pod_name``, ``_ip``,
     ``_node_name``, ``_phase``, ``_label_<name>``, ``_labelpresent_<name>``,
     ``_container_name``, ``_container_port_name``, ``_container_port_number``); a dropped
-    set gives no target; ``instance`` defaults to ``__address__``; ``__*`` labels go.
+    set gives no target. What the resulting set means is :func:`dcgmrelay.targets.target_from_labels`'
+    business, as for static targets: labels with an empty value are left out, ``instance``
+    defaults to ``__address__``, ``__*`` labels go, and a set whose address, scheme, interval or
+    timeout cannot be used gives no target and a logged warning.
     Each target carries its endpoint's ``auth``, ``tls`` and ``metricRelabelConfigs``.
 
     ``check_selector`` re-checks the monitor's label selector client-side (the
@@ -586,6 +589,7 @@ def pod_targets(pod: Mapping[str, Any], monitor: PodMonitor, *, default_interval
             pod_meta[f"__meta_kubernetes_pod_label_{_label_name(str(k))}"] = str(v)
             pod_meta[f"__meta_kubernetes_pod_labelpresent_{_label_name(str(k))}"] = "true"
     containers = list(spec.get("containers") or []) + list(spec.get("initContainers") or [])
+    where = f"{monitor.name} pod {meta.get('namespace', '')}/{meta.get('name', '')}"
     out: List[Target] = []
     seen = set()
     for ep in monitor.endpoints:
@@ -601,69 +605,39 @@ def pod_targets(pod: Mapping[str, Any], monitor: PodMonitor, *, default_interval
                     continue
                 if kind == "number" and number != want:
                     continue
-                tl = {
+                lb: Dict[str, str] = dict(pod_meta)
+                if rules is not None:
+                    lb.update({"__meta_kubernetes_pod_container_name": c.get("name", ""),
+                               "__meta_kubernetes_pod_container_port_name": p.get("name") or "",
+                               "__meta_kubernetes_pod_container_port_number": str(number)})
+                lb.update(scrape_labels(job=job, address=f"{host}:{number}", scheme=ep.scheme, path=ep.path,
+                                        interval_s=interval, timeout_s=timeout, params=ep.params))
+                lb.update({
                     "namespace": meta.get("namespace", ""),
                     "pod": meta.get("name", ""),
                     "container": c.get("name", ""),
                     "node": spec.get("nodeName") or "",
-                    "job": job,
-                    "instance": f"{host}:{number}",
                     "endpoint": ep.port or (str(ep.target_port) if ep.target_port not in (None, "") else ""),
-                }
-                final = {k: v for k, v in tl.items() if v}
-                scheme, path, params = ep.scheme, ep.path, {k: list(v) for k, v in ep.params.items()}
-                t_interval, t_timeout = interval, timeout
+                })
                 if rules is not None:
-                    lb = dict(pod_meta)
-                    lb.update({"__meta_kubernetes_pod_container_name": c.get("name", ""),
-                               "__meta_kubernetes_pod_container_port_name": p.get("name") or "",
-                               "__meta_kubernetes_pod_container_port_number": str(number),
-                               "__address__": f"{host}:{number}", "__scheme__": scheme,
-                               "__metrics_path__": path, "__scrape_interval__": f"{interval:g}s",
-                               "__scrape_timeout__": f"{timeout:g}s"})
-                    for k, vals in params.items():
-                        if vals:
-                            lb[f"__param_{k}"] = vals[0]
-                    final.pop("instance", None)
-                    lb.update(final)
                     res = rules.apply(lb)
-                    if res is None or not res.get("__address__"):
-                        continue  # dropped by the rules (or left without an address)
-                    scheme = res.get("__scheme__") or scheme
-                    path = res.get("__metrics_path__") or "/"
-                    if not path.startswith("/"):
-                        path = "/" + path
-                    try:
-                        t_interval = parse_duration(res.get("__scrape_interval__")) or interval
-                        t_timeout = parse_duration(res.get("__scrape_timeout__")) or timeout
-                    except ValueError:
-                        t_interval, t_timeout = interval, timeout
-                    for name, val in res.items():
-                        if name.startswith("__param_"):
-                            pname = name[len("__param_"):]
-                            params[pname] = [val] + list(params.get(pname, [])[1:])
-                    address = res["__address__"]
-                    final = {k: v for k, v in res.items() if not k.startswith("__") and v}
-                    final.setdefault("instance", address)
-                else:
-                    address = f"{host}:{number}"
-                url = f"{scheme}://{address}{path}"
-                t_job = final.get("job", job)
-                ident = (url, tuple(sorted((k, tuple(v)) for k, v in params.items())), t_job)
+                    if res is None:
+                        continue  # dropped by the rules
+                    lb = res
+                try:
+                    t = target_from_labels(lb, name=f"{where} port {number}", job=job, scheme=ep.scheme,
+                                           interval_s=interval, timeout_s=timeout, params=ep.params,
+                                           auth=ep.auth, tls=ep.tls, metric_relabel=ep.metric_relabel_configs)
+                except TargetLabelError as exc:
+                    log.warning("%s; it is not scraped", exc)
+                    continue
+                if t is None:
+                    continue  # the rules left it without an address
+                ident = (t.url, tuple(sorted((k, tuple(v)) for k, v in t.params.items())), t.job)
                 if ident in seen:  # duplicate same-name / same-number ports: one target
                     continue
                 seen.add(ident)
-                out.append(Target(
-                    url=url,
-                    labels=final,
-                    interval_s=float(t_interval),
-                    timeout_s=float(min(t_timeout, t_interval)),
-                    params=params,
-                    auth=dict(ep.auth),
-                    tls=dict(ep.tls),
-                    metric_relabel=tuple(ep.metric_relabel_configs),
-                    job=t_job,
-                ))
+                out.append(t)
     return out
 
 
