@@ -20,8 +20,9 @@ For any input:
 * ``receive`` raises only ``CompactFormatError``, with a known code and its HTTP status;
   a rejected body changes nothing (the next body decodes as if it never came);
 * a decoded batch is consistent (every column as long as the batch, every reference inside
-  its table), re-encodes as compact to the same columns (when each series has one kind,
-  as in every batch the relay makes), re-encodes as remote write 1.0 and
+  its table, one field id, kind and entity per series, as in every batch the relay makes:
+  the decoder rejects a body that lists a name, label set or series twice), re-encodes as
+  compact to the same columns, re-encodes as remote write 1.0 and
   2.0 (what forwarding does), and the receiver's ``/metrics`` (text and OpenMetrics) is
   valid: the text parses strictly, the OpenMetrics passes the strict validator.
 """
@@ -130,27 +131,25 @@ def _consistent(d: DecodedBatch) -> None:
     assert d.output in ("cumulative", "delta", "both"), d.output
 
 
-def _one_kind_per_series(d: DecodedBatch) -> bool:
-    """Whether every (name, label set) of the batch has one field id, kind and entity, as in
-    any batch the relay makes. A body may list a series twice with different ones; encoders
-    key series by (name, label set), so such a batch re-encodes with the last sample's.
-    Series are compared by value: a body's dictionary may hold one name (or label set,
-    entity) under two ids, and two ids naming the same series are one series."""
+def _one_kind_per_series(d: DecodedBatch) -> None:
+    """Every (name, label set) of the batch has one field id, kind and entity, as in any
+    batch the relay makes (encoders key series by (name, label set)). Compared by value:
+    the decoder rejects a body listing one name, label set or series under two ids, but a
+    body may still hold one entity under two ids (equal entities are one entity)."""
     seen: dict = {}
     names, labelsets, entities = d.names, d.labelsets, d.entities
     for n, ls, f, k, e in zip(d.name_ids.tolist(), d.labelset_ids.tolist(), d.field_ids.tolist(),
                               d.kinds.tolist(), d.entity_ids.tolist()):
         attrs = (f, k, None if e < 0 else entities[e])
-        if seen.setdefault((names[n], labelsets[ls]), attrs) != attrs:
-            return False
-    return True
+        old = seen.setdefault((names[n], labelsets[ls]), attrs)
+        assert old == attrs, f"series {names[n]}{labelsets[ls]} decoded with two sets of attributes: {old}, {attrs}"
 
 
 def _downstream(rx: CompactReceiver, d: DecodedBatch) -> None:
     _consistent(d)
+    _one_kind_per_series(d)
     again = decode_batch(encode(d, "compact")[0])
-    if _one_kind_per_series(d):
-        assert columns(again) == columns(d), "a decoded batch does not re-encode to itself"
+    assert columns(again) == columns(d), "a decoded batch does not re-encode to itself"
     encode(d, "remote-write-1")
     encode(d, "remote-write-2")
     text, _ = rx.metrics()

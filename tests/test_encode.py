@@ -1059,6 +1059,134 @@ def test_corrupt_payloads_raise_only_compact_errors_and_keep_state(data: Any) ->
 _CORRUPT_STREAM = _stream(3)
 
 
+def _hand_body(*, strings: List[str] = [], names: List[int] = [], labelsets: List[List[int]] = [],
+               series: List[Tuple[int, int, int, int, int]] = [], sids: List[int] = [], full: bool = True,
+               seq: int = 0, stream_id: int = 0x00C0FFEE) -> bytes:
+    """A compact body written section by section as docs/compact-format.md lays them out:
+    ``series`` rows are (id, name id, label set id, kind, entity id + 1); every sample
+    (series ``sids``) has value 1.0, delta 0.0 and event count 0.0, coded against no state."""
+    out = bytearray()
+    if strings:
+        sec = bytearray(E._varint(len(strings)))
+        E._put_uints(sec, np.array([len(x.encode()) for x in strings], dtype=np.uint64))
+        sec += b"".join(x.encode() for x in strings)
+        E._section(out, E._S_STRINGS, sec)
+    if names:
+        sec = bytearray(E._varint(len(names)))
+        E._put_uints(sec, np.array(names, dtype=np.uint64))
+        E._section(out, E._S_NAMES, sec)
+    if labelsets:
+        sec = bytearray(E._varint(len(labelsets)))
+        E._put_uints(sec, np.array([len(r) // 2 for r in labelsets], dtype=np.uint64))
+        E._put_uints(sec, np.array([x for r in labelsets for x in r], dtype=np.uint64))
+        E._section(out, E._S_LABELSETS, sec)
+    kind_of: Dict[int, int] = {}
+    if series:
+        cols = np.array(series, dtype=np.int64).reshape(-1, 5)
+        sec = bytearray(E._varint(len(cols)))
+        E._put_uints(sec, cols[:, 0].astype(np.uint64))
+        E._put_uints(sec, cols[:, 1].astype(np.uint64))
+        E._put_uints(sec, cols[:, 2].astype(np.uint64))
+        E._put_ints(sec, np.full(len(cols), -1))  # not DCGM fields
+        E._put_uints(sec, cols[:, 3].astype(np.uint64))
+        E._put_uints(sec, cols[:, 4].astype(np.uint64))
+        E._section(out, E._S_SERIES, sec)
+        kind_of = {int(r[0]): int(r[3]) for r in cols}
+    n = len(sids)
+    E._section(out, E._S_BATCH, E._varint(2000) + E._varint(n) + b"\x00" + E._varint(0) + E._varint(0))
+    sec = bytearray()
+    E._put_uints(sec, E._zigzag(np.diff(np.array(sids, dtype=np.int64), prepend=-1) - 1))
+    E._section(out, E._S_ORDER, sec)
+
+    def floats(tag: int, v: float, which: List[int]) -> None:
+        if which:
+            a = np.array(which, dtype=np.int64)
+            sec = bytearray()
+            E._enc_floats(sec, np.full(len(a), v), a, np.full(max(a) + 1, E._NONE, dtype=np.uint8),
+                          np.zeros(max(a) + 1, dtype=np.int64))
+            E._section(out, tag, sec)
+
+    floats(E._S_VALUES, 1.0, sids)
+    floats(E._S_DELTAS, 0.0, [x for x in sids if kind_of.get(x) in (1, 3)])
+    floats(E._S_EVENTS, 0.0, [x for x in sids if kind_of.get(x) == 3])
+    return _reseal(E._HEADER.pack(E.COMPACT_MAGIC, E.COMPACT_VERSION, 1 if full else 0, 0, stream_id, seq, 0, 0),
+                   bytes(out))
+
+
+# strings: 0 "m", 1 "gpu", 2 "0", 3 "1"; names: 0 "m"; label sets: 0 {gpu="0"}, 1 {gpu="1"}
+_HAND = dict(strings=["m", "gpu", "0", "1"], names=[0], labelsets=[[1, 2], [1, 3]])
+
+
+def test_hand_written_compact_body_decodes() -> None:
+    # the bodies below differ from this one only in what they repeat
+    d = decode_batch(_hand_body(**_HAND, series=[(0, 0, 0, 0, 0), (1, 0, 1, 1, 0)], sids=[0, 1]))
+    assert [(n, labels, v, k, dl) for n, labels, v, k, dl, _ in d.samples()] == [
+        ("m", {"gpu": "0"}, 1.0, 0, None), ("m", {"gpu": "1"}, 1.0, 1, 0.0)]
+
+
+def test_compact_body_with_one_series_under_two_ids_is_corrupt() -> None:
+    # series 0 and 1 are both m{gpu="0"}, a gauge and a counter: an encoder would keep only one
+    body = _hand_body(**_HAND, series=[(0, 0, 0, 0, 0), (1, 0, 0, 1, 0)], sids=[0, 1])
+    with pytest.raises(CompactFormatError) as ei:
+        decode_batch(body)
+    assert (ei.value.code, ei.value.http_status) == ("corrupt", 400)
+    assert re.search(r"^series section at payload offset \d+: series ids 0 and 1 are one series "
+                     r"\(name id 0, label set id 0; kinds 0 and 1\)", ei.value.reason), ei.value.reason
+
+
+def test_compact_body_moving_a_series_onto_another_is_corrupt() -> None:
+    # a later batch re-lists series 1 (m{gpu="1"}) as m{gpu="0"}, which series 0 already is
+    state = DecoderState()
+    decode_batch(_hand_body(**_HAND, series=[(0, 0, 0, 0, 0), (1, 0, 1, 0, 0)], sids=[0, 1]), state=state)
+    with pytest.raises(CompactFormatError, match=r"series ids 0 and 1 are one series") as ei:
+        decode_batch(_hand_body(series=[(1, 0, 0, 0, 0)], sids=[0, 1], full=False, seq=1), state=state)
+    assert ei.value.code == "corrupt"
+    # nothing was committed: a batch that changes only series 1's kind still decodes
+    d = decode_batch(_hand_body(series=[(1, 0, 1, 1, 0)], sids=[0, 1], full=False, seq=1), state=state)
+    assert [labels for _, labels, *_ in d.samples()] == [{"gpu": "0"}, {"gpu": "1"}]
+    assert d.kinds.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("section, what, first, again", [
+    ("names", "name", dict(names=[0]), dict(names=[0])),
+    ("labelsets", "label set", dict(labelsets=[[1, 2]]), dict(labelsets=[[1, 2]])),
+])
+@pytest.mark.parametrize("where", ["same section", "earlier batch"])
+def test_compact_body_repeating_a_dictionary_entry_is_corrupt(section: str, what: str, first: Dict[str, Any],
+                                                               again: Dict[str, Any], where: str) -> None:
+    # one name (label set) under two ids: families and series would be ambiguous
+    state = DecoderState()
+    strings = dict(strings=["m", "gpu", "0"])
+    if where == "same section":
+        body = _hand_body(**strings, **{k: v + v for k, v in first.items()})
+    else:
+        decode_batch(_hand_body(**strings, **first), state=state)
+        body = _hand_body(**again, full=False, seq=1)
+    with pytest.raises(CompactFormatError) as ei:
+        decode_batch(body, state=state)
+    assert (ei.value.code, ei.value.http_status) == ("corrupt", 400)
+    assert re.search(rf"^{section} section at payload offset \d+: entry (1|0) \({what} id 1\) repeats {what} id 0 ",
+                     ei.value.reason), ei.value.reason
+    if where == "earlier batch":  # the rejected body left the stream as it was
+        assert decode_batch(_hand_body(full=False, seq=1), state=state).seq == 1
+        assert len(getattr(state.streams[0x00C0FFEE], section)) == 1
+
+
+def test_receiver_rejects_and_counts_inconsistent_bodies() -> None:
+    dup_series = _hand_body(**_HAND, series=[(0, 0, 0, 0, 0), (1, 0, 0, 1, 0)], sids=[0, 1])
+    dup_name = _hand_body(strings=["m"], names=[0, 0])
+    with CompactReceiver() as rx, httpx.Client(trust_env=False) as client:
+        for body in (dup_series, dup_name):
+            r = client.post(rx.compact_url, content=body, headers={"Content-Type": E.COMPACT_CONTENT_TYPE})
+            assert r.status_code == 400
+            err = r.json()
+            assert err["error"] == "corrupt" and err["resend_dictionaries"] is False
+            assert "listed" in err["reason"]
+        stats = rx.stats
+        assert stats["batches_rejected"] == 2 and stats["rejected"] == {"corrupt": 2}
+        assert stats["batches_received"] == 0 and stats["streams"] == 0
+
+
 def test_bounded_dictionaries_restart_the_stream() -> None:
     enc = Encoder("compact", max_series=150)
     state = DecoderState()

@@ -102,7 +102,8 @@ import sys
 import time
 import zlib
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple, TypeVar,
+                    Union)
 
 import cramjam
 import numpy as np
@@ -2046,6 +2047,9 @@ class _Stream:
         self.labelsets: List[_LabelSet] = []
         self.entities: List[Entity] = []
         self.families: Dict[int, _Family] = {}
+        # id of every name and label set: each is listed once per stream (as the encoder does)
+        self.name_index: Dict[str, int] = {}
+        self.labelset_index: Dict[_LabelSet, int] = {}
         self.n_series = 0
         self.ser_name = np.zeros(16, dtype=np.int64)
         self.ser_ls = np.zeros(16, dtype=np.int64)
@@ -2166,6 +2170,49 @@ def _check_refs(a: np.ndarray, limit: int, what: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
+_K = TypeVar("_K", str, _LabelSet)
+
+
+def _index_new(new: List[_K], index: Dict[_K, int], base: int, section: str, what: str,
+               offset: int) -> Dict[_K, int]:
+    """Ids of a section's new entries (``base`` onwards); an entry the stream already has,
+    or that the section lists twice, is a ``corrupt`` body: an encoder lists each once, and
+    two ids for one name (label set) would make one series out of two."""
+    out: Dict[_K, int] = {}
+    for i, x in enumerate(new):
+        j = index.get(x)
+        if j is None:
+            j = out.get(x)
+        if j is not None:
+            text = repr(x)
+            raise CompactFormatError(
+                "corrupt", f"{section} section at payload offset {offset}: entry {i} ({what} id {base + i}) "
+                           f"repeats {what} id {j} {text if len(text) <= 200 else text[:197] + '...'}: "
+                           f"each {what} is listed once per stream")
+        out[x] = base + i
+    return out
+
+
+def _check_series_unique(arrays: Dict[str, np.ndarray], n_series: int, offset: int) -> None:
+    """Every series id must name its own (name id, label set id): a body that lists one
+    series under two ids (with different kinds, fields or entities, or the same) is
+    ``corrupt``, as an encoder keeps one id per series and re-encoding could keep only one."""
+    if n_series < 2:
+        return
+    nm, ls = arrays["ser_name"][:n_series], arrays["ser_ls"][:n_series]
+    order = np.lexsort((ls, nm))
+    nm, ls = nm[order], ls[order]
+    same = np.flatnonzero((nm[1:] == nm[:-1]) & (ls[1:] == ls[:-1]))
+    if not len(same):
+        return
+    a, b = (int(x) for x in order[same[0]:same[0] + 2])
+    kinds = arrays["ser_kind"]
+    raise CompactFormatError(
+        "corrupt", f"series section at payload offset {offset}: series ids {a} and {b} are one series "
+                   f"(name id {int(arrays['ser_name'][a])}, label set id {int(arrays['ser_ls'][a])}; "
+                   f"kinds {int(kinds[a])} and {int(kinds[b])}): each series is listed under one id per stream")
+
+
 def _decode_payload(raw: bytearray, st: _Stream, full: bool, stream_id: int, seq: int) -> DecodedBatch:
     from .scrape import Entity
 
@@ -2221,15 +2268,18 @@ def _decode_payload(raw: bytearray, st: _Stream, full: bool, stream_id: int, seq
         return strings[ref] if ref < len(strings) else new_strings[ref - len(strings)]
 
     new_names: List[str] = []
+    new_name_index: Dict[str, int] = {}
     if _S_NAMES in sections:
         rd = reader(_S_NAMES)
         k = rd.varint("names")
         refs = _check_refs(rd.uints("names", k), n_str, "names")
         done(rd, "names")
         new_names = [s(x) for x in refs.tolist()]
+        new_name_index = _index_new(new_names, st.name_index, len(st.names), "names", "name", sections[_S_NAMES][0])
     n_names = len(st.names) + len(new_names)
 
     new_ls: List[_LabelSet] = []
+    new_ls_index: Dict[_LabelSet, int] = {}
     if _S_LABELSETS in sections:
         rd = reader(_S_LABELSETS)
         k = rd.varint("labelsets")
@@ -2240,6 +2290,8 @@ def _decode_payload(raw: bytearray, st: _Stream, full: bool, stream_id: int, seq
         for c in counts.tolist():
             new_ls.append(tuple((s(flat[pos + 2 * i]), s(flat[pos + 2 * i + 1])) for i in range(c)))
             pos += 2 * c
+        new_ls_index = _index_new(new_ls, st.labelset_index, len(st.labelsets), "labelsets", "label set",
+                                  sections[_S_LABELSETS][0])
     n_ls = len(st.labelsets) + len(new_ls)
 
     new_ents: List[Any] = []
@@ -2290,6 +2342,7 @@ def _decode_payload(raw: bytearray, st: _Stream, full: bool, stream_id: int, seq
         arrays["ser_kind"][ids] = knd
         arrays["ser_ent"][ids] = ent
         n_series = n_new
+        _check_series_unique(arrays, n_series, sections[_S_SERIES][0])
     else:
         arrays = {k: v.copy() for k, v in arrays.items()}
 
@@ -2411,10 +2464,12 @@ def _decode_payload(raw: bytearray, st: _Stream, full: bool, stream_id: int, seq
         st.strings.extend(new_strings)
     if new_names:
         st.names.extend(new_names)
+        st.name_index.update(new_name_index)
         st._t_names = None
         st._t_families = None
     if new_ls:
         st.labelsets.extend(new_ls)
+        st.labelset_index.update(new_ls_index)
         st._t_labelsets = None
     if new_ents:
         st.entities.extend(new_ents)
