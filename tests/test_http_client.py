@@ -252,3 +252,24 @@ def test_abandoned_body_closes_the_connection_instead_of_pooling_it():
                 assert (await get(c, srv.url)).content == b"fresh"
             assert srv.connections == 2
     run(main())
+
+
+@pytest.mark.parametrize("scheme", ["https", "HTTPS", "ws", "ftp"])
+def test_open_refuses_any_scheme_but_http_before_connecting(scheme):
+    # open() is the scraper's direct path (no fallback): an https:// URL handed to it must
+    # not go out as plain HTTP, here to a plain server that would answer it
+    async def main():
+        async with Scripted([ok(b"cleartext")]) as srv:
+            t = LeanTransport()
+            url = srv.url.replace("http://", f"{scheme}://", 1) + "/metrics"
+            req = httpx.Request("GET", url)
+            with pytest.raises(httpx.UnsupportedProtocol, match=rf"plain http:// only.*{scheme.lower()}://"):
+                await t.open(req)
+            # the same transport still serves http://, on the server's first and only connection
+            # (a connection or request from the refused call would have come before it)
+            status, _, _, body = await t.open(httpx.Request("GET", srv.url + "/metrics"))
+            assert status == 200 and b"".join([c async for c in body]) == b"cleartext"
+            await body.aclose()
+            await t.aclose()
+            assert srv.connections == 1 and len(srv.requests) == 1
+    run(main())

@@ -246,10 +246,18 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
         The scraper's hot path: no :class:`httpx.Response` (its header model, decoders and
         chunkers) per request, which for one node's page every interval cost about as much
-        CPU as the parse. Same connection handling and errors as :meth:`handle_async_request`."""
+        CPU as the parse. Same connection handling and errors as :meth:`handle_async_request`.
+
+        Any scheme but ``http`` raises :class:`httpx.UnsupportedProtocol` before a
+        connection is made: this path speaks plain HTTP only, and must not send an
+        ``https://`` request in cleartext."""
         if self._closed:
             raise RuntimeError("the transport has been closed")
         url = request.url
+        if url.scheme != "http":
+            raise httpx.UnsupportedProtocol(
+                f"the lean transport speaks plain http:// only; refusing to send a {url.scheme or 'scheme-less'}:// "
+                f"request to {url.host or '?'} without its protocol (use httpx's transport)")
         host = url.host
         port = url.port or 80
         key = (host, port)
