@@ -335,6 +335,8 @@ def test_pod_monitors_feed_the_discovery():
     pm = discovery.PodMonitor.from_dict(d)
     assert pm.namespaces() == ["gpu-operator", "default"]
     assert pm.job_label == "app" and pm.endpoints[1].port_rule() == ("number", 9400)
+    # add_node_label reaches the discovery per endpoint (the second endpoint leaves it false)
+    assert [e.add_node_label for e in pm.endpoints] == [True, False]
 
 
 # ================================================================================== WhatapAgent

@@ -187,8 +187,8 @@ def test_pod_targets_seed_rule():
     (t,) = pod_targets(_pod(), SEED_MON)
     assert t.url == "http://10.0.0.5:9400/metrics"
     assert dict(t.labels) == {"namespace": "gpu-monitoring", "pod": "dcgm-0", "container": "exporter",
-                              "node": "gpu-node-1", "job": "customer-dcgm-exporter",
-                              "instance": "10.0.0.5:9400", "endpoint": "9400"}
+                              "job": "customer-dcgm-exporter",
+                              "instance": "10.0.0.5:9400", "endpoint": "9400"}  # no addNodeLabel: no node
     assert (t.interval_s, t.timeout_s, t.job) == (15.0, 10.0, "customer-dcgm-exporter")
 
 
@@ -229,7 +229,7 @@ def test_pod_targets_ports():
 def test_pod_targets_endpoint_options():
     mon = PodMonitor("m", job_label="app", endpoints=[
         PodMetricsEndpoint(port="metrics", scheme="HTTPS", path="metrics", interval="5s",
-                           params={"collect[]": "gpu"})])
+                           params={"collect[]": "gpu"}, add_node_label=True)])
     (t,) = pod_targets(_pod(ip="fd00::5", node=""), mon)
     assert t.url == "https://[fd00::5]:9400/metrics"
     assert t.key == "https://[fd00::5]:9400/metrics?collect[]=gpu"
@@ -263,7 +263,7 @@ def test_pod_targets_relabel_configs():
     (t,) = pod_targets(_pod(labels=labels, containers=[{"name": "exporter", "ports": ports}]), mon,
                        check_selector=False)
     assert t.url == "http://10.0.0.5:9500/v2/metrics" and t.params == {"collect": ["gpu"]}
-    assert dict(t.labels) == {"namespace": "gpu-monitoring", "pod": "dcgm-0", "node": "gpu-node-1", "job": "m",
+    assert dict(t.labels) == {"namespace": "gpu-monitoring", "pod": "dcgm-0", "job": "m",
                               "endpoint": "metrics", "gpu_node": "gpu-node-1", "team": "ml",
                               "instance": "10.0.0.5:9500"}
     # keep: a pod outside the regex gives no target at all
@@ -274,6 +274,32 @@ def test_pod_targets_relabel_configs():
         {"target_label": "__scrape_timeout__", "replacement": "20s"}]})
     (t,) = pod_targets(_pod(), slow, check_selector=False)
     assert (t.interval_s, t.timeout_s) == (60.0, 20.0)
+
+
+def test_pod_targets_node_label_only_with_add_node_label():
+    """addNodeLabel (add_node_label) gives the targets a node label; without it (the default)
+    they have none, and relabeling still sees __meta_kubernetes_pod_node_name."""
+    def mon(**ep):
+        return PodMonitor.from_dict({"name": "m", "endpoints": [dict(port="metrics", **ep)]})
+
+    assert [mon(**kw).endpoints[0].add_node_label for kw in ({}, {"addNodeLabel": True}, {"addNodeLabel": False},
+                                                            {"add_node_label": True})] == [False, True, False, True]
+    (t,) = pod_targets(_pod(), mon(addNodeLabel=True), check_selector=False)
+    assert t.labels["node"] == "gpu-node-1"
+    (t,) = pod_targets(_pod(), mon(addNodeLabel=False), check_selector=False)
+    assert "node" not in t.labels and t.labels["pod"] == "dcgm-0"
+    (t,) = pod_targets(_pod(), mon(), check_selector=False)
+    assert "node" not in t.labels
+    (t,) = pod_targets(_pod(node=""), mon(addNodeLabel=True), check_selector=False)
+    assert "node" not in t.labels  # unscheduled: empty, so absent
+    # the meta label stays for the rules: a replace rule gives the node label without the flag
+    by_rule = PodMonitor.from_dict({"name": "m", "endpoints": [{"port": "metrics"}], "relabelConfigs": [
+        {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}]})
+    (t,) = pod_targets(_pod(), by_rule, check_selector=False)
+    assert t.labels["node"] == "gpu-node-1"
+    # the WhatapAgent field is a boolean
+    with pytest.raises(ValueError, match="addNodeLabel must be true or false"):
+        mon(addNodeLabel="yes")
 
 
 def test_pod_targets_relabeling_sees_prometheus_durations_and_bad_results_are_dropped(caplog):
@@ -788,7 +814,7 @@ def test_e2e_selectors_ports_and_scrape(kube_apiserver, exporters, tmp_path):
     def want(pod, job, endpoint, interval):
         ip = ips[pod]
         return (f"http://{ip}:9400/metrics",
-                {"namespace": ns, "pod": pod, "container": "exporter", "node": "gpu-node-1", "job": job,
+                {"namespace": ns, "pod": pod, "container": "exporter", "job": job,  # no addNodeLabel: no node
                  "instance": f"{ip}:9400", "endpoint": endpoint}, interval)
 
     assert got == {("match", "customer-dcgm-exporter"): want("match", "customer-dcgm-exporter", "9400", 15.0),
@@ -940,7 +966,8 @@ def test_e2e_per_node_field_selector(kube_apiserver, exporters):
     ns = f"pernode-{run}"
     kube.create_namespace(ns)
     L = {"app": "custom-dcgm", "component": "gpu-exporter", "run": run}
-    mon = dict(SEED_TARGETS[1], namespaceSelector={"matchNames": [ns]}, selector={"matchLabels": L})
+    mon = dict(SEED_TARGETS[1], namespaceSelector={"matchNames": [ns]}, selector={"matchLabels": L},
+               endpoints=[dict(SEED_TARGETS[1]["endpoints"][0], addNodeLabel=True)])  # node labels to check
     running_pod(kube, exporters, ns, "on-a", L, node=f"node-a-{run}")
     running_pod(kube, exporters, ns, "on-b", L, node=f"node-b-{run}")
 

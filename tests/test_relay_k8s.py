@@ -77,6 +77,8 @@ def test_relay_scrapes_exactly_the_pods_the_podmonitor_selects(kube_apiserver, t
         late = {labels.get("pod") for _t, name, labels, _v, ts in samples
                 if name == "DCGM_FI_DEV_GPU_TEMP" and ts > (t_relabel + 1.0) * 1000}
         assert "dcgm-0" not in late and late  # relabelled out: no longer scraped, the others are
+        # the endpoint does not set add_node_label: no node label on any series (up included)
+        assert samples and not any("node" in labels for _t, _n, labels, _v, _ts in samples)
     finally:
         exporters.close()
         rx.stop()
@@ -84,7 +86,8 @@ def test_relay_scrapes_exactly_the_pods_the_podmonitor_selects(kube_apiserver, t
 
 def test_relay_applies_podmonitor_relabel_and_metric_relabel_configs(kube_apiserver, tmp_path):  # noqa: F811
     """relabelConfigs choose and label the discovered targets (pod meta labels), an
-    endpoint's metricRelabelConfigs filter what is scraped from each of them."""
+    endpoint's metricRelabelConfigs filter what is scraped from each of them, its
+    add_node_label gives every series the pod's node."""
     kube = kube_apiserver
     ns = f"gpu-{_uid()}"
     kube.create_namespace(ns)
@@ -99,6 +102,7 @@ def test_relay_applies_podmonitor_relabel_and_metric_relabel_configs(kube_apiser
               - {source_labels: [__meta_kubernetes_pod_label_pool], target_label: gpu_pool}
             endpoints:
               - port: "9400"
+                add_node_label: true
                 metric_relabel_configs:
                   - {source_labels: [pod], regex: dcgm-1, action: drop}
             """, rx)
@@ -109,6 +113,7 @@ def test_relay_applies_podmonitor_relabel_and_metric_relabel_configs(kube_apiser
         assert {lb["gpu_pool"] for lb in temps} == {"pool-0"}
         assert set(ups) == {"dcgm-0", "dcgm-1"}  # dcgm-2 is no target; dcgm-1 is scraped
         assert ups["dcgm-1"]["gpu_pool"] == "pool-1"
+        assert {lb.get("node") for lb in temps} | {lb.get("node") for lb in ups.values()} == {"gpu-node-1"}
     finally:
         exporters.close()
         rx.stop()

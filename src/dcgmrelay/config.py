@@ -40,7 +40,7 @@ Native schema (every key optional unless marked; durations are Prometheus string
           - port: metrics            # container port name, or an all-digit port number
             path: /metrics
             scheme: http
-            add_node_label: false
+            add_node_label: false    # true: a `node` target label (the pod's spec.nodeName)
     outputs:
       - name: vm                     # default: the type (numbered when repeated)
         type: remote-write           # REQUIRED: remote-write | openmetrics | compact

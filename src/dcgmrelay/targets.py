@@ -46,7 +46,8 @@ class Target:
     """One endpoint to scrape.
 
     ``labels`` are attached to every series scraped from it (``job``, ``instance``,
-    and for discovered pods ``namespace``, ``pod``, ``container``, ``node``).
+    and for discovered pods ``namespace``, ``pod``, ``container``, and ``node`` with
+    ``addNodeLabel``).
     ``auth``, ``tls`` and ``params`` are passed to the HTTP client as they are.
     """
 

@@ -52,12 +52,14 @@ Target rules (prometheus-operator ``generatePodMonitorConfig`` + Prometheus
   ``portNumber``, the number must be declared by one of the pod's containers;
 * containers without any declared port give no target (Prometheus would give an
   address without a port, which is only useful with relabelling);
-* labels: ``namespace``, ``pod``, ``container``, ``node`` (``spec.nodeName``),
-  ``job`` (the PodMonitor name, or the value of the pod label named by
-  ``jobLabel``), ``instance`` (``podIP:port``) and ``endpoint`` (the ``port`` as
-  written, when set). Labels with an empty value are left out (Prometheus
-  semantics: an empty label is an absent label), e.g. ``node`` of an unscheduled
-  pod;
+* labels: ``namespace``, ``pod``, ``container``, ``job`` (the PodMonitor name,
+  or the value of the pod label named by ``jobLabel``), ``instance``
+  (``podIP:port``), ``endpoint`` (the ``port`` as written, when set) and, only
+  for an endpoint with ``addNodeLabel: true`` (default false, as in the
+  WhatapAgent resource), ``node`` (``spec.nodeName``); relabeling sees
+  ``__meta_kubernetes_pod_node_name`` either way. Labels with an empty value are
+  left out (Prometheus semantics: an empty label is an absent label), e.g.
+  ``node`` of an unscheduled pod;
 * ``relabelConfigs`` then choose and rewrite the targets as Prometheus' target
   relabeling does, with kubernetes_sd's pod meta labels (:func:`pod_targets`);
   each target carries its endpoint's auth, TLS and ``metricRelabelConfigs``.
@@ -369,6 +371,8 @@ class PodMetricsEndpoint:
     tls: Dict[str, Any] = field(default_factory=dict)
     #: ``metricRelabelConfigs``: applied to the samples scraped from each target.
     metric_relabel_configs: List[Mapping[str, Any]] = field(default_factory=list)
+    #: ``addNodeLabel``: the targets carry a ``node`` label (the pod's ``spec.nodeName``).
+    add_node_label: bool = False
 
     def __post_init__(self) -> None:
         if self.port is not None:
@@ -378,6 +382,8 @@ class PodMetricsEndpoint:
         self.scheme = (self.scheme or "http").lower()
         if self.scheme not in ("http", "https"):
             raise ValueError(f"scheme must be http or https, not {self.scheme!r}")
+        if not isinstance(self.add_node_label, bool):
+            raise ValueError(f"addNodeLabel must be true or false, not {self.add_node_label!r}")
         self.path = self.path or "/metrics"
         if not self.path.startswith("/"):
             self.path = "/" + self.path
@@ -403,6 +409,7 @@ class PodMetricsEndpoint:
             auth=dict(d.get("auth") or {}),
             tls=dict(d.get("tls") or {}),
             metric_relabel_configs=list(d.get("metricRelabelConfigs", d.get("metric_relabel_configs")) or []),
+            add_node_label=d.get("addNodeLabel", d.get("add_node_label", False)),
         )
 
     def port_rule(self) -> Tuple[str, Union[str, int, None]]:
@@ -551,7 +558,7 @@ def pod_targets(pod: Mapping[str, Any], monitor: PodMonitor, *, default_interval
     Prometheus semantics: in go ``job``, ``__address__``, ``__scheme__``,
     ``__metrics_path__``, ``__scrape_interval__``, ``__scrape_timeout__``,
     ``__param_<name>``, the target labels (``namespace``, ``pod``, ``container``,
-    ``node``, ``endpoint``) and kubernetes_sd's pod meta labels
+    ``endpoint``, and ``node`` with ``addNodeLabel``) and kubernetes_sd's pod meta labels
     (``__meta_kubernetes_namespace``, ``__meta_kubernetes_pod_name``, ``_ip``,
     ``_node_name``, ``_phase``, ``_label_<name>``, ``_labelpresent_<name>``,
     ``_container_name``, ``_container_port_name``, ``_container_port_number``); a dropped
@@ -616,7 +623,7 @@ def pod_targets(pod: Mapping[str, Any], monitor: PodMonitor, *, default_interval
                     "namespace": meta.get("namespace", ""),
                     "pod": meta.get("name", ""),
                     "container": c.get("name", ""),
-                    "node": spec.get("nodeName") or "",
+                    "node": (spec.get("nodeName") or "") if ep.add_node_label else "",
                     "endpoint": ep.port or (str(ep.target_port) if ep.target_port not in (None, "") else ""),
                 })
                 if rules is not None:
