@@ -457,3 +457,42 @@ def test_a_reused_parser_reads_metadata_lines_as_a_new_one_does(impl, fmt):
                                             else "text/plain; version=0.0.4")).families["g"].help == want
     assert dcgmrelay.parse(text, format="prometheus", implementation=impl).families["g"].help == 'A gauge\\ with \\"escapes\\"'
     assert dcgmrelay.parse(om, format="openmetrics", implementation=impl).families["g"].help == 'A gauge\\ with "escapes"'
+
+
+# -- the native parser's column buffers ---------------------------------------------------------
+def _spare_slots(col: np.ndarray) -> int:
+    """Slots of the buffer behind a returned column that it does not use (0 for a copy)."""
+    return 0 if col.base is None else (col.base.nbytes - col.nbytes) // col.itemsize
+
+
+_ONE_GPU_PAGE = b"".join(b'# HELP DCGM_FI_F%d Field %d.\n# TYPE DCGM_FI_F%d gauge\nDCGM_FI_F%d{gpu="0"} %d\n'
+                         % (i, i, i, i, i) for i in range(100))
+
+
+@pytest.mark.c_extension
+@pytest.mark.parametrize("name, data, samples, spare", [
+    # a one-GPU dcgm-exporter page, two thirds HELP/TYPE lines: columns of exactly its
+    # samples, the parse's own buffers (not copied every scrape)
+    ("comment-heavy", _ONE_GPU_PAGE, 100, 0),
+    ("comments led by blanks", _ONE_GPU_PAGE.replace(b"# ", b"  # "), 100, 200),
+    # lines that could have been samples and were not: a small waste is kept, not copied away
+    ("some garbage", _ONE_GPU_PAGE + b"{garbage\n" * 300, 100, 300),
+    # ... a large one (more than the samples and SPARE_MAX) is: no big empty buffer kept alive
+    ("much garbage", _ONE_GPU_PAGE + b"{garbage\n" * 20_000, 100, None),
+])
+def test_native_columns_hold_no_large_spare_capacity(name: str, data: bytes, samples: int,
+                                                     spare: "int | None") -> None:
+    from dcgmrelay import _parser, _parser_py
+
+    r = _parser.parse_raw(data, False, False, 10, None, None)
+    py = _parser_py.parse_raw(data, False, False, 10, None, None)
+    cols = (r.values, r.timestamps, r.name_ids, r.labelset_ids)
+    assert [np.asarray(c).tolist() for c in cols] == [
+        np.asarray(c).tolist() for c in (py.values, py.timestamps, py.name_ids, py.labelset_ids)]
+    assert len(r.values) == samples and r.n_errors == py.n_errors
+    for col in cols:
+        if spare is None:
+            assert col.base is None  # copied to its length
+        else:
+            assert col.base is not None and _spare_slots(col) == spare  # a view of the parse's buffer
+        assert _spare_slots(col) <= max(len(col), _parser.SPARE_MAX)

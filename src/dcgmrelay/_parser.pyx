@@ -29,6 +29,12 @@ from ._parser_py import MEMO_MAX, MEMO_MAX_KEY, TS_ABSENT, Builder, LineError, R
 
 cdef int64_t C_TS_ABSENT = TS_ABSENT
 
+#: parse_raw copies its columns to their length when more than half of their slots are
+#: spare and the spare slots are more than this many (24 bytes each over the four columns):
+#: a body of garbage lines does not keep a large empty buffer alive, and a copy is made only
+#: when it saves that much.
+SPARE_MAX = 4096
+
 cdef double POW10[23]
 POW10[0] = 1.0
 for _i in range(1, 23):
@@ -473,6 +479,8 @@ cdef class _Parser:
                 if s is None:
                     continue
                 nid, lid, v, ts = s
+            if k >= nids.shape[0]:  # cannot happen (parse_raw counts every line that can be a sample)
+                raise AssertionError("more samples than sample lines")
             nids[k] = nid
             lids[k] = lid
             values[k] = v
@@ -612,16 +620,20 @@ def parse_raw(data, bint om, bint strict, int max_errors, source, dict memo=None
     cdef const unsigned char[::1] view = data
     cdef Py_ssize_t n = view.shape[0]
     cdef const unsigned char* b = &view[0] if n > 0 else NULL
-    cdef Py_ssize_t cap = 1, pos = 0, k = 0
+    cdef Py_ssize_t cap = 0, pos = 0, k = 0
     cdef const unsigned char* hit
     cdef int lineno
 
-    # One slot per line is enough: a line holds at most one sample.
+    # One slot per line that can hold a sample (a line holds at most one): every line but an
+    # empty one and one that starts with '#' (a comment, whatever follows). So a body of
+    # HELP/TYPE lines (a one-GPU dcgm-exporter page is two thirds comments) gets columns of
+    # exactly its samples, and the columns are returned without a copy.
     while pos < n:
+        if b[pos] != 35 and b[pos] != 10:  # '#', '\n'
+            cap += 1
         hit = <const unsigned char*>memchr(b + pos, 10, n - pos)
         if hit == NULL:
             break
-        cap += 1
         pos = hit - b + 1
     values_a = np.empty(cap, dtype=np.float64)
     ts_a = np.empty(cap, dtype=np.int64)
@@ -655,8 +667,9 @@ def parse_raw(data, bint om, bint strict, int max_errors, source, dict memo=None
             gc.enable()
     lineno = ps.lineno
     builder.finish(lineno)
-    if k < cap // 2:
-        # do not keep a mostly empty buffer alive (bodies with many comment lines)
+    if cap - k > k and cap - k > SPARE_MAX:
+        # lines that could have been samples and were not (errors, garbage, after '# EOF'):
+        # do not keep a mostly empty buffer alive when that is much memory
         values_a, ts_a, nid_a, lid_a = values_a[:k].copy(), ts_a[:k].copy(), nid_a[:k].copy(), lid_a[:k].copy()
     else:
         values_a, ts_a, nid_a, lid_a = values_a[:k], ts_a[:k], nid_a[:k], lid_a[:k]
