@@ -181,6 +181,50 @@ def test_a_reload_that_adds_a_spool_replays_it(tmp_path):
         rx.stop()
 
 
+@pytest.mark.parametrize("what", ["credentials_env", "spool_dir"])
+def test_a_reload_that_cannot_build_its_targets_keeps_the_running_ones(tmp_path, what):
+    """A reload whose targets only fail when built (an authorization credentials_env that is
+    not set) or whose spool directory cannot be made (a file is in the way) is refused before
+    anything running is touched: the old target keeps being scraped and relayed to the old
+    output, and the reload counts as failed."""
+    rx = CompactReceiver().start()
+    node = SimulatedNode(1, seed=3, collect_interval=0.5)
+    (tmp_path / "file").write_text("not a directory")
+
+    async def main():
+        async with ExporterServer(node) as ex:
+            good = _cfg(target=[ex.url], compact=[rx.compact_url])
+            if what == "credentials_env":
+                endpoint = {"url": ex.url, "authorization": {"credentials_env": "DCGMRELAY_TEST_NOT_SET"}}
+                bad = C.merge(good, {"targets": [{"name": "dcgm", "endpoints": [endpoint]}]})
+            else:
+                bad = C.merge(good, {"spool": {"dir": str(tmp_path / "file" / "spool")}})
+            app = RelayApp(good, loader=lambda: bad, env={})
+            task = asyncio.create_task(app.run(install_signals=False))
+            await asyncio.sleep(1.0)
+            ok = await app.reload()
+            await asyncio.sleep(1.0)
+            rx.flush()
+            before = len(rx.received_samples())
+            await asyncio.sleep(2.0)
+            rx.flush()
+            after = len(rx.received_samples())
+            scraped = [t.url for t in app.scraper.targets]
+            app.stop()
+            await task
+            return ok, before, after, app, scraped
+
+    try:
+        ok, before, after, app, scraped = asyncio.run(main())
+        assert ok is False
+        assert app.metrics.config_reloads.labels("failed")._value.get() == 1
+        assert app.metrics.config_reloads.labels("ok")._value.get() == 0
+        assert before > 0 and after > before, (before, after)  # still scraping the old target
+        assert scraped == [app.cfg.targets[0].endpoints[0].url]
+    finally:
+        rx.stop()
+
+
 def test_the_app_makes_its_asyncio_objects_on_the_loop_that_runs_it(monkeypatch):
     """`dcgmrelay run` builds the RelayApp before asyncio.run() starts a loop. On Python 3.9 an
     asyncio.Event made then binds another loop, and run() failed at once ("attached to a

@@ -242,6 +242,12 @@ class RelayApp:
         try:
             cfg = self.loader()
             spec = load_csv(cfg.csv)
+            # Built (not started) before anything running is touched: what only shows here
+            # (a credentials_env not set, a password_file or token file not readable) must
+            # leave the running targets as they are, not stopped with nothing in their place.
+            sources = self._build_sources(cfg)
+            if cfg.spool.dir and cfg.spool != self.cfg.spool:  # every output is rebuilt on it
+                os.makedirs(cfg.spool.dir, exist_ok=True)
         except Exception as e:  # keep running on the old config
             self.metrics.config_reloads.labels("failed").inc()
             logger.error("config reload failed, keeping the running config: %s", e)
@@ -256,39 +262,48 @@ class RelayApp:
         for name in list(self.outputs):
             if name not in wanted or wanted[name] != self.outputs[name].config or cfg.spool != self.cfg.spool:
                 await self.outputs.pop(name).aclose(self.shutdown_timeout_s)
+        not_started = []
         for name, oc in wanted.items():
             if name not in self.outputs:
-                self.outputs[name] = _OutputSlot(oc, cfg.spool)
+                try:  # an output that cannot start (spool dir, TLS files) must not stop the reload
+                    self.outputs[name] = _OutputSlot(oc, cfg.spool)
+                except Exception as e:
+                    not_started.append(name)
+                    logger.error("config reload: output %s not started (the next reload tries again): %s", name, e)
         if self._outputs_rebuilt is not None:
             self._outputs_rebuilt.set()
         self.cfg = cfg
         self.scraper.body_limit_bytes = cfg.global_body_size_limit
         self._relabel.clear()
         await self._stop_sources()
-        self._start_sources()
+        self._start_sources(sources)
+        if not_started:
+            self.metrics.config_reloads.labels("failed").inc()
+            logger.error("config reloaded (%s) without output(s) %s", cfg.source or "flags", ", ".join(not_started))
+            return False
         self.metrics.config_reloads.labels("ok").inc()
         logger.info("config reloaded (%s)", cfg.source or "flags")
         return True
 
     # -- targets ---------------------------------------------------------------------------------
-    def _build_sources(self) -> List[TargetSource]:
+    def _build_sources(self, cfg: "_config.RelayConfig") -> List[TargetSource]:
         sources: List[TargetSource] = []
-        static = _config.static_targets(self.cfg, self.env)
+        static = _config.static_targets(cfg, self.env)
         if static:
             sources.append(StaticTargets(static))
-        if self.cfg.pod_monitors:
+        if cfg.pod_monitors:
             from .discovery.kubernetes import KubeCredentials, PodMonitorDiscovery, resolve_node_name
 
-            k = self.cfg.kubernetes
+            k = cfg.kubernetes
             creds = KubeCredentials.resolve(k.api_url, k.token_file, k.ca_file, k.insecure_skip_verify or None,
                                             env=self.env)
-            sources.append(PodMonitorDiscovery(_config.pod_monitor_dicts(self.cfg), creds,
+            sources.append(PodMonitorDiscovery(_config.pod_monitor_dicts(cfg), creds,
                                                node_name=resolve_node_name(k.node_name, self.env),
-                                               default_interval_s=self.cfg.global_interval))
+                                               default_interval_s=cfg.global_interval))
         return sources
 
-    def _start_sources(self) -> None:
-        self._sources = self._build_sources()
+    def _start_sources(self, sources: Optional[List[TargetSource]] = None) -> None:
+        self._sources = self._build_sources(self.cfg) if sources is None else sources
         self._source_targets = {}
         for i, src in enumerate(self._sources):
             self._source_tasks.append(asyncio.create_task(self._follow(i, src), name=f"targets {i}"))
