@@ -63,7 +63,7 @@ def run(body: bytes, cycles: int, pause: float) -> dict[str, float]:
         t2 = clock()
         labelled = scrape.with_labels(labels, memo=memo)
         t3 = clock()
-        health = _health_scrape(labels, r, len(scrape), len(labelled))
+        health = _health_scrape(labels, r.up, r.duration_s, len(scrape), len(labelled))
         t4 = clock()
         whole = labelled.extended(health)
         t5 = clock()

@@ -308,6 +308,60 @@ def test_body_size_limit_fails_the_scrape_and_says_why(caplog):
     assert any("body exceeds the limit of 4096 bytes" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("relabel", [False, True])
+def test_sample_limit_fails_the_scrape_counts_and_says_why(caplog, relabel):
+    """global.sample_limit (--sample-limit), as Prometheus' sample_limit: a scrape with more
+    samples than the limit after metric relabeling fails as a whole (up 0, only the health
+    series relayed, its samples counted as dropped by reason sample_limit, the failure
+    counted per target and logged once); metric relabeling that brings it under the limit
+    lets it through."""
+    node = SimulatedNode(2, seed=5)
+    scraped = len(dcgmrelay.parse(node.render(0.0)))  # the same number every scrape
+    keep = {"source_labels": ["gpu"], "regex": "0", "action": "keep"}
+
+    async def main():
+        async with ExporterServer(node) as ex:
+            rx = CompactReceiver().start()
+            try:
+                cfg = _cfg(target=[ex.url], compact=[rx.compact_url], sample_limit=str(scraped - 1))
+                if relabel:  # keeps GPU 0's series only: about half, under the limit
+                    target = C.config_to_dict(cfg)["targets"][0]
+                    target["endpoints"][0]["metric_relabel_configs"] = [keep]
+                    cfg = C.merge(cfg, {"targets": [target]})
+                app = RelayApp(cfg)
+                await _run_for(app, 1.6)
+                rx.flush()
+                from prometheus_client import generate_latest
+
+                return rx.received_samples(), app, generate_latest(app.metrics.registry).decode()
+            finally:
+                rx.stop()
+
+    with caplog.at_level("WARNING", logger="dcgmrelay"):
+        samples, app, metrics = asyncio.run(main())
+    names = {name for _t, name, _l, _v, _ts in samples}
+    ups = [v for _t, name, _l, v, _ts in samples if name == "up"]
+    health = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling"}
+    failed = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith("dcgmrelay_scrapes_total{") and 'result="failed"' in line]
+    dropped = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith('dcgmrelay_samples_dropped_total{reason="sample_limit"}')]
+    warnings = [r.getMessage() for r in caplog.records if "sample limit" in r.getMessage()]
+    if relabel:
+        assert ups and set(ups) == {1.0}
+        assert names - health, "the relabeled scrape is relayed"
+        assert failed == [0.0] and dropped == [0.0] and not warnings
+    else:
+        assert names <= health, names
+        assert ups and set(ups) == {0.0}
+        posts = {v for _t, name, _l, v, _ts in samples if name == "scrape_samples_post_metric_relabeling"}
+        assert posts == {float(scraped)}
+        assert failed and failed[0] >= 2, failed
+        assert dropped and dropped[0] == failed[0] * scraped, (dropped, failed)
+        assert len(warnings) == 1, warnings
+        assert f"sample limit {scraped - 1} exceeded: {scraped} samples after metric relabeling" in warnings[0]
+
+
 # -- the process: signals -------------------------------------------------------------------------
 def _start_exporter_process(tmp_path: Path, n_gpus: int = 4, seed: int = 1) -> tuple[subprocess.Popen, str]:
     code = textwrap.dedent(f"""

@@ -937,6 +937,30 @@ def test_merge():
     assert p.line == [i for i, line in enumerate(WHATAP_FULL.splitlines(), 1) if "scrapeTimeout" in line][0]
 
 
+def test_sample_limit_from_file_env_and_flag(tmp_path):
+    """global.sample_limit (Prometheus' name), DCGMRELAY_SAMPLE_LIMIT, --sample-limit: default 0
+    (no limit), shown by check-config and loaded back, refused with the path when negative or
+    no integer."""
+    base = "targets: [{name: t, endpoints: [{address: 'a:9400'}]}]\noutputs: [{type: compact, url: 'http://c/'}]\n"
+    assert load_config(base).global_sample_limit == 0
+    f = tmp_path / "relay.yaml"
+    f.write_text("global: {sample_limit: 5000}\n" + base)
+    cfg = load_config(str(f))
+    assert cfg.global_sample_limit == 5000
+    assert "sample_limit: 5000" in effective_config_text(cfg)
+    assert load_config(effective_config_text(cfg)).global_sample_limit == 5000  # round trip
+    env = {"DCGMRELAY_CONFIG": str(f), "DCGMRELAY_SAMPLE_LIMIT": "300"}
+    assert config_from_args({}, env=env).global_sample_limit == 300
+    assert config_from_args({"sample_limit": "0"}, env=env).global_sample_limit == 0
+    for bad in ("-1", "many", "1.5", "true"):
+        with pytest.raises(ConfigError) as e:
+            load_config(f"global: {{sample_limit: {bad}}}\n" + base)
+        assert "global.sample_limit" in str(e.value), bad
+    with pytest.raises(ConfigError) as e:
+        config_from_args({}, env={**env, "DCGMRELAY_SAMPLE_LIMIT": "-5"})
+    assert "DCGMRELAY_SAMPLE_LIMIT" in str(e.value)
+
+
 def test_body_size_limit_from_file_env_and_flag(tmp_path):
     """global.body_size_limit (Prometheus' name), DCGMRELAY_BODY_SIZE_LIMIT, --body-size-limit:
     default 64MiB, shown by check-config, refused with the path when it is no size."""
@@ -965,7 +989,8 @@ def test_env_var_list():
         "DCGMRELAY_REMOTE_WRITE_VERSION": "--remote-write-version",
         "DCGMRELAY_OPENMETRICS_PUSH": "--openmetrics-push", "DCGMRELAY_COMPACT": "--compact",
         "DCGMRELAY_INTERVAL": "--interval", "DCGMRELAY_TIMEOUT": "--timeout",
-        "DCGMRELAY_BODY_SIZE_LIMIT": "--body-size-limit", "DCGMRELAY_CSV": "--csv",
+        "DCGMRELAY_BODY_SIZE_LIMIT": "--body-size-limit", "DCGMRELAY_SAMPLE_LIMIT": "--sample-limit",
+        "DCGMRELAY_CSV": "--csv",
         "DCGMRELAY_LISTEN": "--listen", "DCGMRELAY_SPOOL_DIR": "--spool-dir",
         "DCGMRELAY_SPOOL_MAX_BYTES": "--spool-max-bytes", "DCGMRELAY_SPOOL_FSYNC": "--spool-fsync",
         "DCGMRELAY_STATE_PATH": "--state-path", "DCGMRELAY_FIRST_OBSERVATION": "--first-observation",

@@ -7,6 +7,7 @@ Per scrape result (one coroutine, on the event loop):
 
 1. the target's labels (``job``, ``instance``, discovery labels) are added per label set,
    exporter labels winning (honor_labels), then its metric relabeling (per distinct series);
+   more samples than ``global.sample_limit`` after it fail the scrape as a whole;
 2. Prometheus-style health series (``up``, ``scrape_duration_seconds``,
    ``scrape_samples_scraped``, ``scrape_samples_post_metric_relabeling``) are appended;
 3. :meth:`Relay.ingest` applies the CSV, kinds and deltas; a failed scrape carries only
@@ -191,7 +192,10 @@ class RelayApp:
         self._replay_task: Optional[asyncio.Task[None]] = None
         self._outputs_rebuilt: Optional[asyncio.Event] = None  # the replay loop waits on it while no output spools
         self.batches_submitted = 0
-        self.metrics.add_source("relay", lambda: relay_families(self.relay.stats.as_dict(), self.relay.series_count()))
+        #: samples of scrapes failed by the sample limit (dcgmrelay_samples_dropped{reason="sample_limit"})
+        self.sample_limit_dropped = 0
+        self.metrics.add_source("relay", lambda: relay_families(
+            {**self.relay.stats.as_dict(), "dropped_sample_limit": self.sample_limit_dropped}, self.relay.series_count()))
         self.metrics.add_source("outputs", lambda: output_families(
             {n: s.output.stats.as_dict() for n, s in self.outputs.items()}))
         self.metrics.add_source("spools", lambda: spool_families(
@@ -370,14 +374,13 @@ class RelayApp:
     async def _on_result(self, r: ScrapeResult) -> None:
         key = r.target.key
         m = self.metrics
-        m.scraped(key, r.up, r.duration_s, r.timestamp_ms / 1000)
         labels = dict(r.target.labels)
         scraped = post = 0
         scrape = None
+        up, error = r.up, r.error
         t0 = time.perf_counter()
         if r.up:
             assert r.scrape is not None
-            self._down.discard(key)
             scrape = r.scrape
             scraped = len(scrape)
             if scrape.n_errors:
@@ -395,12 +398,20 @@ class RelayApp:
             if rules is not None:
                 scrape = scrape.relabeled(rules)
             post = len(scrape)
+            limit = self.cfg.global_sample_limit
+            if limit and post > limit:  # Prometheus' sample_limit: the whole scrape fails
+                up, scrape = False, None
+                error = f"sample limit {limit} exceeded: {post} samples after metric relabeling"
+                self.sample_limit_dropped += post
+        m.scraped(key, up, r.duration_s, r.timestamp_ms / 1000)
+        if up:
+            self._down.discard(key)
         elif key not in self._down:  # log a failing target once, until it answers again
             self._down.add(key)
-            logger.warning("%s: scrape failed: %s", key, r.error)
+            logger.warning("%s: scrape failed: %s", key, error)
         # The health series travel in the same batch (one request per scrape). A failed scrape
         # sends only them: every other series of the target is then absent and goes stale.
-        health = _health_scrape(labels, r, scraped, post)
+        health = _health_scrape(labels, up, r.duration_s, scraped, post)
         batch = self.relay.ingest(health if scrape is None else scrape.extended(health), target=key,
                                   timestamp_ms=r.timestamp_ms)
         m.relay_seconds.inc(time.perf_counter() - t0)
@@ -496,10 +507,10 @@ def _health_labelsets(items: Tuple[Tuple[str, str], ...]) -> Tuple[Tuple[Tuple[s
     return (tuple(sorted(items)),)
 
 
-def _health_scrape(labels: Mapping[str, str], r: ScrapeResult, scraped: int, post: int) -> Scrape:
+def _health_scrape(labels: Mapping[str, str], up: bool, duration_s: float, scraped: int, post: int) -> Scrape:
     """Prometheus' synthetic per-target series (untyped, the target's labels): the tables are
     the same every scrape, only the four values are new."""
-    values = np.array([1.0 if r.up else 0.0, r.duration_s, scraped, post], dtype=np.float64)
+    values = np.array([1.0 if up else 0.0, duration_s, scraped, post], dtype=np.float64)
     labelsets = _health_labelsets(tuple(labels.items()))
     raw = RawScrape(values, _HEALTH_TS, _HEALTH_IDS, _HEALTH_LS, _HEALTH_NAMES, labelsets, {}, (), 0, 0)
     return Scrape(raw, format="prometheus", tables=(_HEALTH_NAMES, labelsets, _HEALTH_FIELD_IDS))

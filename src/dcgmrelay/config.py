@@ -14,6 +14,7 @@ Native schema (every key optional unless marked; durations are Prometheus string
       interval: 15s                  # default scrape interval of every endpoint
       timeout: 10s                   # default scrape timeout (min(timeout, interval)); must be <= interval
       body_size_limit: 64MiB         # a target's body (after decompression) past this fails the scrape
+      sample_limit: 0                # a scrape with more samples (after metric relabeling) fails; 0 = none
     targets:
       - name: local-dcgm             # REQUIRED: the job label
         type: static                 # static (default) | podmonitor
@@ -1096,6 +1097,9 @@ class RelayConfig:
     #: Bytes of one scrape's body (after decompression) past which the scrape fails (Prometheus'
     #: ``body_size_limit``): a runaway or hostile exporter cannot make the relay hold more.
     global_body_size_limit: int = DEFAULT_BODY_SIZE_LIMIT
+    #: Samples of one scrape (after metric relabeling) past which the whole scrape fails
+    #: (Prometheus' ``sample_limit``: ``up`` 0, nothing of it relayed); 0 = no limit.
+    global_sample_limit: int = 0
     whatap: Optional[WhatapConfig] = None
     source: Optional[str] = field(default=None, compare=False)
     origin: str = field(default="native", compare=False)
@@ -1115,7 +1119,7 @@ class RelayConfig:
 
 # ------------------------------------------------------------------------------------ native schema
 
-_GLOBAL_KEYS = ("interval", "timeout", "body_size_limit")
+_GLOBAL_KEYS = ("interval", "timeout", "body_size_limit", "sample_limit")
 _TOP_KEYS = ("global", "targets", "outputs", "csv", "relay", "spool", "listen", "logging", "shard",
              "kubernetes", "whatap")
 _TARGET_KEYS = ("name", "type", "enabled", "endpoints", "relabel_configs", "namespace", "namespace_selector",
@@ -1159,8 +1163,11 @@ class _Native:
             return {}
         out: Dict[str, Any] = {}
         g = v.mapping(top.raw("global"), top.p("global"), top.m("global"), _GLOBAL_KEYS)
-        gi, gt, gb = 15.0, None, DEFAULT_BODY_SIZE_LIMIT
+        gi, gt, gb, gs = 15.0, None, DEFAULT_BODY_SIZE_LIMIT, 0
         if g is not None:
+            gs = g.get("sample_limit", _p_int, 0, lo=0)
+            if gs is _BAD:
+                gs = 0
             gi = g.get("interval", _p_duration, 15.0)
             gt = g.get("timeout", _p_duration, None)
             gb = g.get("body_size_limit", _p_size, DEFAULT_BODY_SIZE_LIMIT)
@@ -1176,6 +1183,7 @@ class _Native:
             gt = min(10.0, gi)
         out["global_interval"], out["global_timeout"] = gi, gt
         out["global_body_size_limit"] = gb
+        out["global_sample_limit"] = gs
 
         targets = []
         names: Dict[str, str] = {}
@@ -2173,7 +2181,8 @@ def config_to_dict(cfg: RelayConfig, *, reveal_secrets: bool = False) -> Dict[st
         outputs.append(od)
     out: Dict[str, Any] = {
         "global": {"interval": format_duration(cfg.global_interval), "timeout": format_duration(cfg.global_timeout),
-                   "body_size_limit": _format_size(cfg.global_body_size_limit)},
+                   "body_size_limit": _format_size(cfg.global_body_size_limit),
+                   "sample_limit": cfg.global_sample_limit},
         "targets": targets,
         "outputs": outputs,
         "csv": cfg.csv,
@@ -2267,7 +2276,7 @@ class _Setting(NamedTuple):
     dest: str
     flag: Optional[str]
     env: str
-    kind: str  # str | path | csv | urls | duration | size | int12 | bool | enum:<a,b> | headers | secret | shard
+    kind: str  # str | path | csv | urls | duration | size | int12 | count | bool | enum:<a,b> | headers | secret | shard
     help: str
     metavar: Optional[str] = None
 
@@ -2289,6 +2298,8 @@ _SETTINGS: Tuple[_Setting, ...] = (
              "scrape timeout (default min(10s, interval))", "DURATION"),
     _Setting("body_size_limit", "--body-size-limit", "DCGMRELAY_BODY_SIZE_LIMIT", "size",
              "a scrape whose body (after decompression) exceeds this fails (default 64MiB)", "SIZE"),
+    _Setting("sample_limit", "--sample-limit", "DCGMRELAY_SAMPLE_LIMIT", "count",
+             "a scrape with more samples than this after metric relabeling fails (default 0: no limit)", "N"),
     _Setting("csv", "--csv", "DCGMRELAY_CSV", "csv", "collectors CSV file or built-in profile "
              "(default, dcp, whatap, 1.x)", "CSV|PROFILE"),
     _Setting("listen", "--listen", "DCGMRELAY_LISTEN", "str", "address of /metrics and /healthz "
@@ -2443,6 +2454,8 @@ def overrides_from_args(args: Any, env: Optional[Mapping[str, str]] = None,
             return _p_size(v, x, where, None)
         if k == "int12":
             return _p_int(v, x, where, None, lo=1, hi=2)
+        if k == "count":
+            return _p_int(v, x, where, None, lo=0)
         if k == "bool":
             return _p_bool(v, x, where, None)
         if k.startswith("enum:"):
@@ -2496,6 +2509,7 @@ def overrides_from_args(args: Any, env: Optional[Mapping[str, str]] = None,
     put("global", "interval", p.get("interval"))
     put("global", "timeout", p.get("timeout"))
     put("global", "body_size_limit", p.get("body_size_limit"))
+    put("global", "sample_limit", p.get("sample_limit"))
     if p.get("csv") is not None:
         o["csv"] = p["csv"]
     if p.get("listen") is not None:
