@@ -431,6 +431,37 @@ def test_memo_keeps_no_huge_label_blocks_or_comments(impl):
 
 @pytest.mark.parametrize("impl", ["py", pytest.param("c", marks=pytest.mark.c_extension)])
 @pytest.mark.parametrize("fmt", ["prometheus", "openmetrics"])
+def test_memo_holds_the_last_body_only(impl, fmt):
+    # A target sending ever-new label sets, comments and garbage must not make a reused Parser
+    # grow. Bound: after a parse the memo holds the label blocks and comment lines of that body
+    # only (at most one entry per line; keys are pieces of its lines), whatever came before.
+    # It used to keep them all up to 65,536 entries per parser (~0.5 GB of 4 KiB blocks): a long
+    # fuzz run grew ~13 KB per input.
+    eof = b"# EOF\n" if fmt == "openmetrics" else b""
+    p = dcgmrelay.Parser(format=fmt, implementation=impl)
+    for i in range(300):
+        data = (b'# HELP m_%d help %d\n# TYPE m_%d gauge\n# junk %d\nm_%d{gpu="%d",x="%d"} 1\n'
+                b'bad{gpu="%d"} nope\nm{y="%d",z="\\\\"} 1\n{a="%d"} 2\n' % ((i,) * 10)) + eof
+        s = p.parse(data)
+        assert len(s) == 2 and s.n_errors == 2
+        assert len(p._memo) <= data.count(b"\n")
+        assert sum(len(k) for k in p._memo) <= len(data) + 2 * data.count(b"\n")
+    steady = b'# TYPE g gauge\ng{gpu="0"} 1\ng{gpu="1"} 2\n' + eof
+    first, second = p.parse(steady), p.parse(steady)
+    assert len(p._memo) == (4 if eof else 3)  # the two blocks, '# TYPE' (and '# EOF')
+    assert second.labelsets[1] is first.labelsets[1]  # what the memo is for: blocks parsed once
+
+    # a strict parse that fails keeps nothing of the body it rejects
+    strict = dcgmrelay.Parser(format=fmt, strict=True, implementation=impl)
+    strict.parse(steady)
+    for i in range(100):
+        with pytest.raises(ParseError):
+            strict.parse(b'# HELP m_%d help\n# junk %d\nm{gpu="%d"} 1\nm{gpu="%d"} oops\n' % (i, i, i, i) + eof)
+    assert len(strict._memo) == (4 if eof else 3)
+
+
+@pytest.mark.parametrize("impl", ["py", pytest.param("c", marks=pytest.mark.c_extension)])
+@pytest.mark.parametrize("fmt", ["prometheus", "openmetrics"])
 def test_a_reused_parser_reads_metadata_lines_as_a_new_one_does(impl, fmt):
     # A reused Parser applies remembered HELP/TYPE/UNIT lines without re-parsing them (the
     # native core without a Python call): families, duplicates reported and '# EOF' must be

@@ -25,7 +25,7 @@ import gc
 
 import numpy as np
 
-from ._parser_py import MEMO_MAX, MEMO_MAX_KEY, TS_ABSENT, Builder, LineError, RawScrape
+from ._parser_py import MEMO_MAX_KEY, TS_ABSENT, Builder, LineError, RawScrape, keep_memo
 
 cdef int64_t C_TS_ABSENT = TS_ABSENT
 
@@ -252,7 +252,8 @@ cdef inline bint parse_int_ts_fast(const unsigned char* p, Py_ssize_t n, int64_t
 
 cdef class _Parser:
     cdef object builder
-    cdef dict memo
+    cdef dict memo               # the last body's blocks and comments (read only)
+    cdef dict kept               # this body's: the Builder's ``kept``, which replaces ``memo`` at the end
     cdef dict ls_by_key          # the Builder's tables, updated here directly on the hot path
     cdef dict families
     cdef list labelsets
@@ -312,6 +313,7 @@ cdef class _Parser:
             return 0
         cdef tuple r = <tuple>rec
         if len(r) == 0:
+            self.kept[key] = rec
             return 1  # a plain comment
         if len(r) != 4:
             return 0  # '# EOF'
@@ -322,6 +324,7 @@ cdef class _Parser:
         if (<list>fam)[slot] is not None:
             return 0
         (<list>fam)[slot] = value
+        self.kept[key] = rec
         return 1
 
     cdef object parse_block_fast(self, const unsigned char* b, Py_ssize_t n):
@@ -600,9 +603,11 @@ cdef class _Parser:
             entry = self.memo.get(block) if self.memo is not None else None
             if entry is None:
                 entry = self.parse_block_fast(b + bstart, bend - bstart)
-                if entry is not None and self.memo is not None and bend - bstart <= MEMO_MAX_KEY:
-                    self.memo[block] = entry
+                if entry is not None:
+                    self.builder.added += 1
             if entry is not None:
+                if self.kept is not None and bend - bstart <= MEMO_MAX_KEY:
+                    self.kept[block] = entry
                 lid = self.register(entry)
             else:
                 try:
@@ -644,12 +649,11 @@ def parse_raw(data, bint om, bint strict, int max_errors, source, dict memo=None
     cdef int32_t[::1] nids = nid_a
     cdef int32_t[::1] lids = lid_a
 
-    if memo is not None and len(memo) > MEMO_MAX:
-        memo.clear()
     builder = Builder(om, strict, max_errors, source, memo)
     cdef _Parser ps = _Parser()
     ps.builder = builder
     ps.memo = memo
+    ps.kept = builder.kept
     ps.ls_by_key = builder._ls_by_key
     ps.labelsets = builder.labelsets
     ps.families = builder.families
@@ -667,6 +671,7 @@ def parse_raw(data, bint om, bint strict, int max_errors, source, dict memo=None
             gc.enable()
     lineno = ps.lineno
     builder.finish(lineno)
+    keep_memo(memo, builder.kept, builder.added)
     if cap - k > k and cap - k > SPARE_MAX:
         # lines that could have been samples and were not (errors, garbage, after '# EOF'):
         # do not keep a mostly empty buffer alive when that is much memory

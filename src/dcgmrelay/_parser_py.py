@@ -27,7 +27,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union, cast
 from .errors import ParseError
 
 __all__ = ["MEMO_MAX", "MEMO_MAX_KEY", "TS_ABSENT", "Builder", "CommentRecord", "LineError", "Memo", "MemoEntry", "RawScrape",
-           "memo_entry", "parse_raw", "parse_timestamp", "parse_value"]
+           "keep_memo", "memo_entry", "parse_raw", "parse_timestamp", "parse_value"]
 
 #: ``Scrape.timestamps`` holds this where a sample has no timestamp (INT64_MIN).
 TS_ABSENT = -(2**63)
@@ -197,14 +197,31 @@ CommentRecord = Union[Tuple[()], Tuple[int], Tuple[int, str, str, str]]
 
 #: What a parser remembers across parses: label blocks (keyed by the bytes between the
 #: braces) and comment lines (keyed by the line after a '\n', which no block holds).
+#: After a parse it holds exactly the blocks and comment lines of that body (one generation:
+#: what the previous body had and this one has not is dropped), so it is never larger than
+#: the last body, whatever bodies came before: a target that sends ever-new label sets or
+#: comments (or garbage) cannot make it grow. An exporter repeats its blocks every scrape,
+#: which is all the memo is for.
 Memo = Dict[bytes, Union[MemoEntry, CommentRecord]]
 
-#: A parser's memo of label blocks is cleared when it grows past this many entries, so a
-#: target that sends ever-new label sets cannot grow memory without bound.
+#: A body with more distinct blocks and comment lines than this leaves the memo empty.
 MEMO_MAX = 65536
-#: Label blocks and comment lines longer than this are not remembered: the memo's bytes stay
-#: bounded (MEMO_MAX × this), whatever a hostile target sends. dcgm-exporter's are < 1 KiB.
+#: Label blocks and comment lines longer than this are not remembered (dcgm-exporter's are
+#: < 1 KiB): a body of a few huge blocks does not pin copies of them.
 MEMO_MAX_KEY = 4096
+
+
+def keep_memo(memo: Optional[Memo], kept: Optional[Memo], added: int) -> None:
+    """End of a parse: the memo becomes ``kept``, what this body used (nothing if that is past
+    MEMO_MAX); ``added``: how many of those were not in the memo. A parse that raises (strict)
+    leaves the memo as it was."""
+    if memo is None or kept is None:
+        return
+    if not added and len(kept) == len(memo):
+        return  # the steady state: every key kept came from the memo, so both hold the same
+    memo.clear()
+    if len(kept) <= MEMO_MAX:
+        memo.update(kept)
 
 
 def memo_entry(pairs: list[tuple[str, str]]) -> MemoEntry:
@@ -230,15 +247,18 @@ class RawScrape(NamedTuple):
 class Builder:
     """Dictionary tables, metadata and errors of one parse; shared by both parsers."""
 
-    __slots__ = ("om", "strict", "max_errors", "source", "memo", "names", "_name_ids", "labelsets", "_ls_by_key",
-                 "_ls_by_block", "families", "errors", "n_errors", "eof")
+    __slots__ = ("om", "strict", "max_errors", "source", "memo", "kept", "added", "names", "_name_ids", "labelsets",
+                 "_ls_by_key", "_ls_by_block", "families", "errors", "n_errors", "eof")
 
     def __init__(self, om: bool, strict: bool, max_errors: int, source: str | None,
                  memo: Optional[Memo] = None) -> None:
         self.om = om
         # label block bytes -> parsed labels, kept across parses by a Parser: the same
-        # exporter sends the same blocks every scrape
+        # exporter sends the same blocks every scrape. Read from ``memo`` (the last body's);
+        # what this body uses goes to ``kept``, which replaces it (see :data:`Memo`).
         self.memo = memo
+        self.kept: Optional[Memo] = None if memo is None else {}
+        self.added = 0  # entries of ``kept`` not taken from ``memo``
         self.strict = strict
         self.max_errors = max_errors
         self.source = source
@@ -268,8 +288,9 @@ class Builder:
             entry = cast("Optional[MemoEntry]", self.memo.get(block) if self.memo is not None else None)
             if entry is None:
                 entry = memo_entry(parse_label_block(block))
-                if self.memo is not None and len(block) <= MEMO_MAX_KEY:
-                    self.memo[block] = entry
+                self.added += 1
+            if self.kept is not None and len(block) <= MEMO_MAX_KEY:
+                self.kept[block] = entry
             lid = self._ls_by_block[block] = self.labelset_id(entry)
         return lid
 
@@ -307,8 +328,9 @@ class Builder:
             except LineError as e:
                 self.error(lineno, line, e.col, e.reason)
                 return
-            if self.memo is not None and len(key) <= MEMO_MAX_KEY:
-                self.memo[key] = rec
+            self.added += 1
+        if self.kept is not None and len(key) <= MEMO_MAX_KEY:
+            self.kept[key] = rec
         if not rec:
             return  # a plain comment
         if len(rec) == 1:  # (-1,): '# EOF'
@@ -439,12 +461,11 @@ def parse_raw(data: bytes | bytearray | memoryview, om: bool, strict: bool, max_
               memo: Optional[Memo] = None) -> RawScrape:
     """Parse a whole body (see the module docstring); the pure-Python implementation.
 
-    ``memo`` (a dict owned by the caller, reused across calls) remembers parsed label blocks.
+    ``memo`` (a dict owned by the caller, reused across calls) remembers parsed label blocks
+    and comment lines; afterwards it holds those of this body only (see :data:`Memo`).
     """
     if not isinstance(data, bytes):
         data = bytes(data)  # bytearray / memoryview: the twin works on immutable bytes
-    if memo is not None and len(memo) > MEMO_MAX:
-        memo.clear()
     b = Builder(om, strict, max_errors, source, memo)
     values = array("d")
     timestamps = array("q")
@@ -476,5 +497,6 @@ def parse_raw(data: bytes | bytearray | memoryview, om: bool, strict: bool, max_
             values.append(s[2])
             timestamps.append(s[3])
     b.finish(lineno)
+    keep_memo(memo, b.kept, b.added)
     return RawScrape(values, timestamps, name_ids, labelset_ids, b.names, b.labelsets, b.families,
                      b.errors, b.n_errors, lineno)
