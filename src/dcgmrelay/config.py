@@ -144,6 +144,7 @@ from .targets import (
     Target,
     TargetLabelError,
     format_duration,
+    parse_duration,
     scrape_labels,
     target_from_labels,
 )
@@ -349,10 +350,6 @@ def _parse_yaml(text: str, source: str) -> Any:
 
 _BAD = object()
 
-_DURATION_RE = re.compile(
-    r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
-_DURATION_UNITS = (365 * 86400.0, 7 * 86400.0, 86400.0, 3600.0, 60.0, 1.0, 0.001)
-
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -361,32 +358,6 @@ _SIZE_UNITS = {
     "ki": 1024, "kib": 1024, "mi": 1024 ** 2, "mib": 1024 ** 2, "gi": 1024 ** 3, "gib": 1024 ** 3,
     "ti": 1024 ** 4, "tib": 1024 ** 4,
 }
-
-
-def parse_duration(value: Union[str, int, float]) -> float:
-    """Seconds of a Prometheus duration (``"15s"``, ``"1m30s"``, ``"500ms"``, ``"2h"``, ``"1d"``) or
-    a number of seconds (int, float or numeric string). ValueError if invalid or negative."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration, got a boolean")
-    if isinstance(value, (int, float)):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("a duration must be finite")
-        if value < 0:
-            raise ValueError(f"a duration cannot be negative ({value})")
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError(f"expected a duration, got {_type_name(value)}")
-    s = value.strip()
-    try:
-        return parse_duration(float(s))
-    except ValueError as exc:
-        if "negative" in str(exc) or "finite" in str(exc):
-            raise
-    m = _DURATION_RE.match(s)
-    if not s or not m or not any(m.groups()):
-        raise ValueError(f"invalid duration {value!r}: use a Prometheus duration such as 15s, 1m30s, "
-                         "500ms, 2h, or a number of seconds")
-    return sum(int(g) * u for g, u in zip(m.groups(), _DURATION_UNITS) if g)
 
 
 def parse_size(value: Union[str, int]) -> int:

@@ -18,7 +18,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Dict, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import AsyncIterator, Dict, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 from .errors import DcgmRelayError
 
@@ -29,6 +29,7 @@ __all__ = [
     "TargetLabelError",
     "TargetSource",
     "format_duration",
+    "parse_duration",
     "scrape_labels",
     "shard_of",
     "shard_targets",
@@ -154,6 +155,36 @@ class TargetLabelError(DcgmRelayError, ValueError):
 
 _DURATION_RE = re.compile(r"(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?\Z")
 _DURATION_UNITS = (365 * 86400.0, 7 * 86400.0, 86400.0, 3600.0, 60.0, 1.0, 0.001)
+
+
+def parse_duration(value: Union[str, int, float]) -> float:
+    """Seconds of a Prometheus duration (``"15s"``, ``"1m30s"``, ``"500ms"``, ``"2h"``, ``"1d"``) or
+    a number of seconds (int, float or numeric string). ValueError if invalid or negative.
+    The one parser of durations: the config file, discovered endpoints and relabeled
+    ``__scrape_interval__``/``__scrape_timeout__`` labels all read theirs here."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration, got a boolean")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError("a duration must be finite")
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative ({value})")
+        return float(value)
+    if not isinstance(value, str):
+        what = ("null" if value is None else "a mapping" if isinstance(value, Mapping)
+                else "a list" if isinstance(value, (list, tuple)) else f"a {type(value).__name__}")
+        raise ValueError(f"expected a duration, got {what}")
+    s = value.strip()
+    try:
+        return parse_duration(float(s))
+    except ValueError as exc:
+        if "negative" in str(exc) or "finite" in str(exc):
+            raise
+    m = _DURATION_RE.match(s)
+    if not s or not m or not any(m.groups()):
+        raise ValueError(f"invalid duration {value!r}: use a Prometheus duration such as 15s, 1m30s, "
+                         "500ms, 2h, or a number of seconds")
+    return sum(int(g) * u for g, u in zip(m.groups(), _DURATION_UNITS) if g)
 # host[:port]: a bracketed IPv6 address (zone allowed) or a name / IPv4 address without the
 # characters that would end or change the authority of a URL.
 _ADDRESS_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+(?:%[\w.~-]+)?\]|[^\s/?#@\[\]:\\]+)(?::(\d{1,5}))?\Z")
@@ -178,13 +209,12 @@ def _duration_label(target: str, label: str, value: str) -> float:
     """Seconds of a ``__scrape_interval__`` / ``__scrape_timeout__`` value (a Prometheus
     duration such as ``15s``, ``1m30s``, ``500ms``, or a number of seconds); more than 0."""
     try:
-        seconds = float(value)
-    except ValueError:
-        m = _DURATION_RE.match(value)
-        if not value or m is None:
-            raise TargetLabelError(target, label, f"{value!r} is not a duration (e.g. 15s, 1m30s, 500ms)") from None
-        seconds = sum(int(g) * u for g, u in zip(m.groups(), _DURATION_UNITS) if g)
-    if not math.isfinite(seconds) or seconds <= 0:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        if "negative" in str(exc) or "finite" in str(exc):
+            raise TargetLabelError(target, label, f"{value!r} is not a duration of more than 0") from None
+        raise TargetLabelError(target, label, f"{value!r} is not a duration (e.g. 15s, 1m30s, 500ms)") from None
+    if seconds <= 0:
         raise TargetLabelError(target, label, f"{value!r} is not a duration of more than 0")
     return seconds
 

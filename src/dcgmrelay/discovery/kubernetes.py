@@ -107,6 +107,7 @@ import httpx
 
 from ..relabel import compile_rules
 from ..targets import Target, TargetLabelError, scrape_labels, target_from_labels
+from ..targets import parse_duration as _parse_duration
 
 __all__ = [
     "KubeAPIError",
@@ -300,29 +301,12 @@ def label_selector_string(selector: Union[LabelSelector, Mapping[str, Any], None
 
 # --------------------------------------------------------------------------- PodMonitor
 
-_DURATION_RE = re.compile(
-    r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$"
-)
-_DURATION_UNITS = (365 * 86400.0, 7 * 86400.0, 86400.0, 3600.0, 60.0, 1.0, 0.001)
-
-
 def parse_duration(value: Union[str, int, float, None]) -> Optional[float]:
-    """Seconds of a Prometheus duration (``"15s"``, ``"1m30s"``, ``"500ms"``) or a number of seconds."""
+    """Seconds of a Prometheus duration (``"15s"``, ``"1m30s"``, ``"500ms"``) or a number of
+    seconds (:func:`dcgmrelay.targets.parse_duration`); None for None or ``""`` (not set)."""
     if value is None or value == "":
         return None
-    if isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    s = str(value).strip()
-    try:
-        return float(s)
-    except ValueError:
-        pass
-    m = _DURATION_RE.match(s)
-    if not m or not any(m.groups()):
-        raise ValueError(f"invalid duration {value!r} (e.g. 15s, 1m30s, 500ms)")
-    return sum(int(g) * u for g, u in zip(m.groups(), _DURATION_UNITS) if g)
+    return _parse_duration(value)
 
 
 @dataclass
