@@ -11,6 +11,7 @@ import pickle
 import pytest
 
 from dcgmrelay.errors import DcgmRelayError
+from dcgmrelay.relabel import compile_rules
 from dcgmrelay.targets import Target, TargetLabelError, format_duration, scrape_labels, target_from_labels
 
 BASE = {"job": "dcgm", "__address__": "10.0.0.5:9400", "__scheme__": "http", "__metrics_path__": "/metrics",
@@ -54,11 +55,74 @@ def test_interval_and_timeout():
     assert (t.interval_s, t.timeout_s) == (90.0, 0.5)
     t = _t({"__scrape_interval__": "2", "__scrape_timeout__": "1.5"})  # numbers of seconds
     assert (t.interval_s, t.timeout_s) == (2.0, 1.5)
-    t = _t({"__scrape_interval__": "5s", "__scrape_timeout__": "10s"})
-    assert (t.interval_s, t.timeout_s) == (5.0, 5.0)  # the timeout is cut to the interval
+    t = _t({"__scrape_interval__": "5s", "__scrape_timeout__": "5s"})
+    assert (t.interval_s, t.timeout_s) == (5.0, 5.0)  # a timeout equal to the interval is fine
     # absent: the given defaults
     t = target_from_labels({"__address__": "h:1"}, name="t0", interval_s=30.0, timeout_s=3.0)
     assert t is not None and (t.interval_s, t.timeout_s) == (30.0, 3.0)
+
+
+
+def _timeout_error(labels, **kw) -> TargetLabelError:
+    kw.setdefault("name", "targets[0].endpoints[3] (job dcgm)")
+    with pytest.raises(TargetLabelError) as ei:
+        target_from_labels(labels, **kw)
+    e = ei.value
+    assert (e.target, e.label) == ("targets[0].endpoints[3] (job dcgm)", "__scrape_timeout__")
+    assert str(e).startswith("target targets[0].endpoints[3] (job dcgm): __scrape_timeout__ ")
+    assert pickle.loads(pickle.dumps(e)).message == e.message
+    return e
+
+
+def test_timeout_longer_than_the_interval_is_no_target():
+    """Prometheus' PopulateLabels: "scrape timeout cannot be greater than scrape interval"; the
+    target is dropped, not scraped with a timeout other than the one asked for."""
+    e = _timeout_error(dict(BASE, __scrape_interval__="5s", __scrape_timeout__="10s"))
+    assert e.message == "'10s' is longer than __scrape_interval__ '5s'; a scrape timeout must be <= the interval"
+    # by a millisecond, and with other spellings: the durations are compared, not the strings
+    e = _timeout_error(dict(BASE, __scrape_interval__="1m", __scrape_timeout__="1m1ms"))
+    assert "'1m1ms'" in e.message and "'1m'" in e.message
+    e = _timeout_error(dict(BASE, __scrape_interval__="2", __scrape_timeout__="2.5"))
+    assert "'2.5'" in e.message and "'2'" in e.message
+
+
+def test_timeout_equal_to_the_interval_is_kept():
+    for interval, timeout, seconds in [("5s", "5s", 5.0), ("1m", "60s", 60.0), ("1m30s500ms", "90.5", 90.5),
+                                       ("300ms", "0.3", 0.3), ("0.3", "300ms", 0.3), ("2", "2s", 2.0),
+                                       # 9ms reads as 0.009000000000000001 s, "0.009" as 0.009: equal
+                                       # to the nanosecond (Prometheus' resolution), so equal
+                                       ("0.009", "9ms", 0.009), ("1.144", "1s144ms", 1.144)]:
+        t = _t({"__scrape_interval__": interval, "__scrape_timeout__": timeout})
+        assert (t.interval_s, t.timeout_s) == pytest.approx((seconds, seconds), abs=1e-12), (interval, timeout)
+    t = _t({"__scrape_interval__": "5s", "__scrape_timeout__": "4999ms"})
+    assert (t.interval_s, t.timeout_s) == (5.0, 4.999)
+
+
+def test_interval_relabeled_below_the_timeout_is_no_target():
+    """As in Prometheus, where __scrape_timeout__ is always set from the config before relabeling:
+    a rule that shortens __scrape_interval__ below the endpoint's timeout leaves a target that
+    is dropped (the timeout is not quietly shortened with it)."""
+    lb = scrape_labels(job="dcgm", address="10.0.0.5:9400", scheme="http", path="/metrics", interval_s=15.0,
+                       timeout_s=10.0)
+    rules = compile_rules([{"target_label": "__scrape_interval__", "replacement": "5s"}])
+    relabeled = rules.apply(lb)
+    assert relabeled is not None and relabeled["__scrape_timeout__"] == "10s"
+    e = _timeout_error(relabeled, interval_s=15.0, timeout_s=10.0)
+    assert e.message == "'10s' is longer than __scrape_interval__ '5s'; a scrape timeout must be <= the interval"
+    # the timeout relabeled down with it: a target
+    both = compile_rules([{"target_label": "__scrape_interval__", "replacement": "5s"},
+                          {"target_label": "__scrape_timeout__", "replacement": "5s"}]).apply(lb)
+    assert both is not None
+    t = target_from_labels(both, name="t0", interval_s=15.0, timeout_s=10.0)
+    assert t is not None and (t.interval_s, t.timeout_s) == (5.0, 5.0)
+    # a label set without __scrape_timeout__ (a rule emptied it) has the given default, as
+    # Prometheus' config value: checked against the relabeled interval alike
+    e = _timeout_error(dict(BASE, __scrape_interval__="5s", __scrape_timeout__=""), timeout_s=10.0)
+    assert e.message == "'10s' is longer than __scrape_interval__ '5s'; a scrape timeout must be <= the interval"
+    # and the default interval against a relabeled timeout
+    labels = {k: v for k, v in BASE.items() if k != "__scrape_interval__"}
+    e = _timeout_error(dict(labels, __scrape_timeout__="20s"), interval_s=15.0)
+    assert e.message == "'20s' is longer than __scrape_interval__ '15s'; a scrape timeout must be <= the interval"
 
 
 def test_params():

@@ -136,7 +136,8 @@ def shard_targets(targets: Sequence[Target], index: int, count: int) -> list[Tar
 
 class TargetLabelError(DcgmRelayError, ValueError):
     """A (relabeled) target label set that names no valid scrape: an ``__address__``,
-    ``__scheme__``, ``__scrape_interval__`` or ``__scrape_timeout__`` that cannot be used.
+    ``__scheme__``, ``__scrape_interval__`` or ``__scrape_timeout__`` that cannot be used,
+    or a ``__scrape_timeout__`` longer than the ``__scrape_interval__``.
 
     ``target`` names the target as the caller did (a config path, a pod and port),
     ``label`` is the special label at fault, ``message`` what is wrong with it.
@@ -249,15 +250,20 @@ def target_from_labels(labels: Mapping[str, str], *, name: str, job: str = "", s
     * ``__metrics_path__``: the URL path (a leading ``/`` is added); absent: ``/``.
     * ``__scrape_interval__`` / ``__scrape_timeout__``: Prometheus durations (``15s``,
       ``1m30s``, ``500ms``) or numbers of seconds, more than 0; absent: ``interval_s`` /
-      ``timeout_s``. A timeout longer than the interval is cut to the interval.
+      ``timeout_s``. The timeout must not be longer than the interval (compared to the
+      nanosecond, Prometheus' resolution), whichever of them the labels set: a set whose
+      timeout is longer -- say a rule shortened ``__scrape_interval__`` but not
+      ``__scrape_timeout__`` -- is an error (Prometheus: "scrape timeout cannot be greater
+      than scrape interval"), not a target scraped with a timeout other than the one it gives.
     * ``__param_<name>``: the first value of URL parameter ``<name>`` (its further values in
       ``params`` stay); ``params`` without such a label are sent as they are.
     * Every other label starting with ``__`` (``__meta_*``, ``__tmp_*`` ...) is removed; the
       rest are the target's labels, ``instance`` defaulting to ``__address__``.
       ``Target.job`` is the ``job`` label, else ``job``.
 
-    An unusable address, scheme, interval or timeout raises :class:`TargetLabelError`
-    naming the target by ``name`` (Prometheus drops such a target with an error).
+    An unusable address, scheme, interval or timeout, or a timeout longer than the interval,
+    raises :class:`TargetLabelError` naming the target by ``name`` (Prometheus drops such a
+    target with an error).
     ``params``, ``auth``, ``tls`` and ``metric_relabel`` go into the target as they are.
     """
     present = {k: v for k, v in labels.items() if v != ""}
@@ -278,6 +284,11 @@ def target_from_labels(labels: Mapping[str, str], *, name: str, job: str = "", s
                 if "__scrape_interval__" in present else float(interval_s))
     timeout = (_duration_label(name, "__scrape_timeout__", present["__scrape_timeout__"])
                if "__scrape_timeout__" in present else float(timeout_s))
+    if round(timeout * 1e9) > round(interval * 1e9):
+        shown_t = present.get("__scrape_timeout__") or format_duration(timeout)
+        shown_i = present.get("__scrape_interval__") or format_duration(interval)
+        raise TargetLabelError(name, "__scrape_timeout__", f"{shown_t!r} is longer than __scrape_interval__ "
+                               f"{shown_i!r}; a scrape timeout must be <= the interval")
     t_params = {k: list(v) for k, v in (params or {}).items()}
     for k, v in present.items():
         if k.startswith("__param_"):
@@ -289,7 +300,7 @@ def target_from_labels(labels: Mapping[str, str], *, name: str, job: str = "", s
         url=f"{t_scheme}://{address}{path}",
         labels=final,
         interval_s=interval,
-        timeout_s=min(timeout, interval),
+        timeout_s=timeout,
         params=t_params,
         auth=dict(auth or {}),
         tls=dict(tls or {}),
