@@ -31,3 +31,15 @@ def test_readme_starts_with_the_two_commands():
     assert first_block[0].startswith("pip install . && dcgmrelay demo")
     assert first_block[1].startswith("pip install -e '.[test]' && pytest")
     assert os.path.exists(ROOT / ".ci" / "run")
+
+
+def test_readme_config_blocks_load():
+    """Every ```yaml block that is a relay config (it has ``outputs:``) validates as written."""
+    from dcgmrelay.config import load_config
+
+    text = (ROOT / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if re.search(r"^outputs:", b, re.M)]
+    assert blocks
+    for block in blocks:
+        cfg = load_config(block)  # raises ConfigError naming the path and line
+        assert cfg.outputs

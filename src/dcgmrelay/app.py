@@ -50,6 +50,7 @@ from .selfmetrics import SelfMetrics, output_families, relay_families, spool_fam
 from .spool import Spool
 from .targets import StaticTargets, Target, TargetSource, shard_targets
 from .transport import Output, RetryPolicy, WriteAheadQueue, build_client_kwargs, spool_hook_for
+from .write_relabel import WriteRelabeler
 
 __all__ = ["RelayApp", "configure_logging", "output_format"]
 
@@ -136,12 +137,25 @@ class _OutputSlot:
         self.wal: Optional[WriteAheadQueue] = None
         if self.spool is not None and fmt in WriteAheadQueue.FORMATS:
             self.wal = WriteAheadQueue(self.output, self.spool)
+        self.relabel: Optional[WriteRelabeler] = None
+        if oc.write_relabel_configs:
+            self.relabel = WriteRelabeler(compile_rules(list(oc.write_relabel_configs),
+                                                        path=f"outputs.{oc.name}.write_relabel_configs"),
+                                          output=oc.name)
 
     async def submit(self, batch: RelayBatch) -> None:
+        if self.relabel is not None:
+            batch = self.relabel.apply(batch)
+            if not len(batch) and not len(batch.stale_name_ids):
+                return
         if self.wal is not None:
             await self.wal.submit(batch)
         else:
             await self.output.submit(batch)
+
+    def dropped_samples(self) -> Dict[str, int]:
+        """Samples this output did not get, by reason (the relay's own drops are global)."""
+        return {"write_relabel": self.relabel.dropped if self.relabel is not None else 0}
 
     async def aclose(self, timeout_s: float) -> None:
         if self.wal is not None:
@@ -197,7 +211,7 @@ class RelayApp:
         self.metrics.add_source("relay", lambda: relay_families(
             {**self.relay.stats.as_dict(), "dropped_sample_limit": self.sample_limit_dropped}, self.relay.series_count()))
         self.metrics.add_source("outputs", lambda: output_families(
-            {n: s.output.stats.as_dict() for n, s in self.outputs.items()}))
+            {n: {**s.output.stats.as_dict(), "dropped_samples": s.dropped_samples()} for n, s in self.outputs.items()}))
         self.metrics.add_source("spools", lambda: spool_families(
             {n: self._spool_stats(s.spool) for n, s in self.outputs.items() if s.spool is not None}))
 

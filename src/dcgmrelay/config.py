@@ -58,6 +58,7 @@ Native schema (every key optional unless marked; durations are Prometheus string
         max_in_flight: 1
         retry: {min_backoff: 1s, max_backoff: 30s, max_elapsed: 5m, retry_on_429: true}  # max_elapsed alias: budget
         send_metadata: true
+        write_relabel_configs: []    # relabel rules for this output only (keep, drop, labeldrop, ...)
     csv: default                     # collectors CSV path or built-in profile (default, dcp, whatap, 1.x)
     relay:
       include_non_dcgm: false
@@ -997,6 +998,7 @@ class OutputConfig:
     max_in_flight: int = 1
     retry: RetryConfig = field(default_factory=RetryConfig)
     send_metadata: bool = True
+    write_relabel_configs: Tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1102,7 +1104,7 @@ _BASIC_KEYS = ("username", "password", "password_file")
 _AUTHZ_KEYS = ("type", "credentials", "credentials_file", "credentials_env")
 _OUTPUT_KEYS = ("name", "type", "version", "url", "headers", "bearer_token", "bearer_token_file", "basic_auth",
                 "tls", "timeout", "compression", "max_samples_per_batch", "max_bytes_per_batch",
-                "flush_interval", "max_in_flight", "retry", "send_metadata")
+                "flush_interval", "max_in_flight", "retry", "send_metadata", "write_relabel_configs")
 _RETRY_KEYS = ("min_backoff", "max_backoff", "max_elapsed", "retry_on_429")
 _RELAY_KEYS = ("include_non_dcgm", "first_observation", "output", "evict_after", "kind_overrides", "state_path")
 _SPOOL_KEYS = ("dir", "max_bytes", "segment_bytes", "fsync", "fsync_interval")
@@ -1593,15 +1595,16 @@ class _Native:
                     mx = _BAD
                 retry = _BAD if _BAD in (mn, mx, me, r429) else RetryConfig(mn, mx, me, r429)
         send_md = m.get("send_metadata", _p_bool, True)
+        wrc = self.relabel(m, "write_relabel_configs")
         vals = (name, typ, url, version, headers, bt, btf, basic, tls, timeout, compression, msb, mbb, fi, mif,
-                retry, send_md)
+                retry, send_md, wrc)
         if any(x is _BAD for x in vals) or typ is None or url is None:
             return None
         return OutputConfig(name=name, type=typ, url=m.raw("url").strip(), version=version, headers=headers,
                             bearer_token=bt, bearer_token_file=btf, basic_auth=basic,
                             tls=tls if tls is not None else TLSConfig(), timeout=timeout, compression=compression,
                             max_samples_per_batch=msb, max_bytes_per_batch=mbb, flush_interval=fi,
-                            max_in_flight=mif, retry=retry, send_metadata=send_md)
+                            max_in_flight=mif, retry=retry, send_metadata=send_md, write_relabel_configs=wrc)
 
     # -- the small sections -----------------------------------------------------------------
     def relay(self, top: _M) -> Any:
@@ -2149,6 +2152,8 @@ def config_to_dict(cfg: RelayConfig, *, reveal_secrets: bool = False) -> Dict[st
                       "retry_on_429": o.retry.retry_on_429},
             "send_metadata": o.send_metadata,
         })
+        if o.write_relabel_configs:
+            od["write_relabel_configs"] = [dict(x) for x in o.write_relabel_configs]
         outputs.append(od)
     out: Dict[str, Any] = {
         "global": {"interval": format_duration(cfg.global_interval), "timeout": format_duration(cfg.global_timeout),

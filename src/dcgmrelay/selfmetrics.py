@@ -178,6 +178,15 @@ def output_families(outputs: Mapping[str, Mapping[str, object]]) -> Iterator[Met
             for reason, n in by.items():
                 dropped.add_metric([out, str(reason)], n)
     yield dropped
+    sdropped = CounterMetricFamily("dcgmrelay_output_samples_dropped",
+                                   "Samples an output did not get, by reason (write_relabel: its rules dropped them).",
+                                   labels=["output", "reason"])
+    for out, st in outputs.items():
+        by = st.get("dropped_samples")
+        if isinstance(by, Mapping):
+            for reason, n in by.items():
+                sdropped.add_metric([out, str(reason)], n)
+    yield sdropped
     inflight = GaugeMetricFamily("dcgmrelay_output_requests_in_flight", "Requests in flight.", labels=["output"])
     for out, st in outputs.items():
         v = st.get("in_flight")
