@@ -2614,8 +2614,8 @@ def static_targets(cfg: RelayConfig, env: Optional[Mapping[str, str]] = None) ->
     ``__metrics_path__``, ``__scrape_interval__``, ``__scrape_timeout__``, ``__param_<name>`` and the
     endpoint's ``labels`` go in; a dropped set gives no target; labels with an empty value are
     left out; ``instance`` defaults to ``__address__``; ``__*`` labels are removed. A set whose
-    address, scheme, interval or timeout cannot be used gives no target and a logged warning
-    (Prometheus drops it with an error too).
+    address, scheme, interval or timeout cannot be used, or whose timeout is longer than its
+    interval, gives no target and a logged warning (Prometheus drops it with an error too).
 
     ``auth`` holds :class:`Secret` objects (``auth["bearer_token"]``, the password of
     ``auth["basic"]``): the HTTP client calls :func:`reveal` on them, so a logged
