@@ -1138,13 +1138,93 @@ def test_compact_body_moving_a_series_onto_another_is_corrupt() -> None:
     # a later batch re-lists series 1 (m{gpu="1"}) as m{gpu="0"}, which series 0 already is
     state = DecoderState()
     decode_batch(_hand_body(**_HAND, series=[(0, 0, 0, 0, 0), (1, 0, 1, 0, 0)], sids=[0, 1]), state=state)
-    with pytest.raises(CompactFormatError, match=r"series ids 0 and 1 are one series") as ei:
+    # (re-binding series id 1 is what is wrong with it; it would also make two ids one series)
+    with pytest.raises(CompactFormatError, match=r"entry 0 re-binds series id 1 from \(name id 0, label set id 1\) "
+                                                 r"to \(name id 0, label set id 0\)") as ei:
         decode_batch(_hand_body(series=[(1, 0, 0, 0, 0)], sids=[0, 1], full=False, seq=1), state=state)
     assert ei.value.code == "corrupt"
     # nothing was committed: a batch that changes only series 1's kind still decodes
     d = decode_batch(_hand_body(series=[(1, 0, 1, 1, 0)], sids=[0, 1], full=False, seq=1), state=state)
     assert [labels for _, labels, *_ in d.samples()] == [{"gpu": "0"}, {"gpu": "1"}]
     assert d.kinds.tolist() == [0, 1]
+
+
+def _seen(d: DecodedBatch) -> Tuple[Any, ...]:
+    """What a decoded batch says, comparable with ==."""
+    return ([(n, labels, repr(v), k, repr(dl), ts) for n, labels, v, k, dl, ts in d.samples()], d.series_ids.tolist(),
+            d.kinds.tolist(), d.field_ids.tolist(), d.entity_ids.tolist(), list(d.names), list(d.labelsets))
+
+
+# a batch after _HAND's first one: new strings "n" (4) and "2" (5), name "n" (id 1), label set
+# {gpu="2"} (id 2): pairs no series has yet
+_REBIND_NEW = dict(strings=["n", "2"], names=[4], labelsets=[[1, 5]], full=False, seq=1)
+
+
+@pytest.mark.parametrize("series, entry, sid, old, new", [
+    ([(1, 1, 1, 0, 0)], 0, 1, (0, 1), (1, 1)),  # another name
+    ([(1, 0, 2, 0, 0)], 0, 1, (0, 1), (0, 2)),  # another label set
+    ([(1, 1, 2, 1, 0)], 0, 1, (0, 1), (1, 2)),  # both (and another kind)
+    ([(0, 0, 1, 0, 0), (1, 0, 0, 0, 0)], 0, 0, (0, 0), (0, 1)),  # two series swap their pairs
+    ([(0, 0, 0, 1, 0), (1, 0, 2, 0, 0), (2, 0, 1, 0, 0)], 1, 1, (0, 1), (0, 2)),  # moved; a new id takes its pair
+], ids=["name", "labelset", "both", "swap", "moved-and-replaced"])
+def test_compact_body_re_binding_a_series_id_is_corrupt(series: List[Tuple[int, int, int, int, int]], entry: int,
+                                                        sid: int, old: Tuple[int, int], new: Tuple[int, int]) -> None:
+    # a series id names one (name, label set) for the life of the stream: the encoder gives a
+    # new pair a new id, and the receiver's previous values of the id belong to the old pair
+    first = _hand_body(**_HAND, series=[(0, 0, 0, 0, 0), (1, 0, 1, 0, 0)], sids=[0, 1])
+    bad = _hand_body(**_REBIND_NEW, series=series, sids=[0, 1])
+    # relies on the state after `first` only: string, name, label set and series ids go on from
+    # there (had `bad` been applied, its name and label set would be listed twice)
+    follow = _hand_body(**_REBIND_NEW, series=[(1, 0, 1, 1, 0), (2, 1, 2, 0, 0)], sids=[0, 1, 2])
+    clean = DecoderState()
+    decode_batch(first, state=clean)
+    want = _seen(decode_batch(follow, state=clean))
+
+    state = DecoderState()
+    decode_batch(first, state=state)
+    with pytest.raises(CompactFormatError) as ei:
+        decode_batch(bad, state=state)
+    assert (ei.value.code, ei.value.http_status, ei.value.resend_dictionaries) == ("corrupt", 400, False)
+    assert re.fullmatch(rf"series section at payload offset \d+: entry {entry} re-binds series id {sid} "
+                        rf"from \(name id {old[0]}, label set id {old[1]}\) "
+                        rf"to \(name id {new[0]}, label set id {new[1]}\): "
+                        r"a series id keeps its name and label set for the life of the stream", ei.value.reason), \
+        ei.value.reason
+    st_ = state.streams[0x00C0FFEE]
+    assert (st_.seq, st_.n_series, len(st_.strings), len(st_.names), len(st_.labelsets)) == (0, 2, 4, 1, 2)
+    d = decode_batch(follow, state=state)
+    assert _seen(d) == want
+    assert [(n, labels, k) for n, labels, _, k, _, _ in d.samples()] == [
+        ("m", {"gpu": "0"}, 0), ("m", {"gpu": "1"}, 1), ("n", {"gpu": "2"}, 0)]
+
+
+def test_compact_body_re_listing_a_series_with_its_own_pair_decodes() -> None:
+    # the legal update of a known series id: same name and label set, other kind (field, entity)
+    state = DecoderState()
+    decode_batch(_hand_body(**_HAND, series=[(0, 0, 0, 0, 0), (1, 0, 1, 0, 0)], sids=[0, 1]), state=state)
+    d = decode_batch(_hand_body(series=[(0, 0, 0, 0, 0), (1, 0, 1, 3, 0)], sids=[0, 1], full=False, seq=1),
+                     state=state)
+    assert [(labels, k) for _, labels, _, k, _, _ in d.samples()] == [({"gpu": "0"}, 0), ({"gpu": "1"}, 3)]
+
+
+def test_receiver_rejects_a_re_bound_series_and_keeps_the_stream() -> None:
+    first = _hand_body(**_HAND, series=[(0, 0, 0, 0, 0), (1, 0, 1, 0, 0)], sids=[0, 1])
+    bad = _hand_body(**_REBIND_NEW, series=[(1, 0, 2, 0, 0)], sids=[0, 1])
+    follow = _hand_body(**_REBIND_NEW, series=[(2, 1, 2, 0, 0)], sids=[0, 1, 2])
+    headers = {"Content-Type": E.COMPACT_CONTENT_TYPE}
+    with CompactReceiver() as rx, httpx.Client(trust_env=False) as client:
+        assert client.post(rx.compact_url, content=first, headers=headers).status_code == 204
+        r = client.post(rx.compact_url, content=bad, headers=headers)
+        assert r.status_code == 400
+        err = r.json()
+        assert err["error"] == "corrupt" and err["resend_dictionaries"] is False
+        assert "re-binds series id 1" in err["reason"]
+        r = client.post(rx.compact_url, content=follow, headers=headers)
+        assert r.status_code == 204, r.text
+        assert r.headers["X-Dcgmrelay-Samples-Written"] == "3"
+        stats = rx.stats
+        assert stats["batches_rejected"] == 1 and stats["rejected"] == {"corrupt": 1}
+        assert stats["batches_received"] == 2 and stats["streams"] == 1
 
 
 @pytest.mark.parametrize("section, what, first, again", [

@@ -2213,6 +2213,27 @@ def _check_series_unique(arrays: Dict[str, np.ndarray], n_series: int, offset: i
                    f"kinds {int(kinds[a])} and {int(kinds[b])}): each series is listed under one id per stream")
 
 
+def _check_series_kept(ids: np.ndarray, nm: np.ndarray, ls: np.ndarray, st: _Stream, offset: int) -> None:
+    """A SERIES entry for a series id the stream already has may change its field, kind and
+    entity, never its name id or label set id: the encoder gives a new (name, label set) a
+    new id, so a body re-binding an id is ``corrupt`` (the receiver's previous values and
+    start timestamps of that id belong to the old series)."""
+    known = ids < st.n_series
+    if not known.any():
+        return
+    sid = ids[known]
+    bad = np.flatnonzero((st.ser_name[sid] != nm[known]) | (st.ser_ls[sid] != ls[known]))
+    if not len(bad):
+        return
+    i = int(np.flatnonzero(known)[bad[0]])
+    j = int(ids[i])
+    raise CompactFormatError(
+        "corrupt", f"series section at payload offset {offset}: entry {i} re-binds series id {j} "
+                   f"from (name id {int(st.ser_name[j])}, label set id {int(st.ser_ls[j])}) "
+                   f"to (name id {int(nm[i])}, label set id {int(ls[i])}): a series id keeps its name "
+                   f"and label set for the life of the stream")
+
+
 def _decode_payload(raw: bytearray, st: _Stream, full: bool, stream_id: int, seq: int) -> DecodedBatch:
     from .scrape import Entity
 
@@ -2326,6 +2347,7 @@ def _decode_payload(raw: bytearray, st: _Stream, full: bool, stream_id: int, seq
         appended = ids[ids >= n_series]
         if len(appended) and not np.array_equal(appended, np.arange(n_series, n_series + len(appended))):
             raise CompactFormatError("corrupt", "new series ids are not consecutive")
+        _check_series_kept(ids, nm, ls, st, sections[_S_SERIES][0])
         n_new = n_series + len(appended)
         for key, fill in (("ser_name", 0), ("ser_ls", 0), ("ser_field", 0), ("ser_kind", 0), ("ser_ent", 0),
                           ("val_code", _NONE), ("val_pay", 0), ("dlt_code", _NONE), ("dlt_pay", 0),
