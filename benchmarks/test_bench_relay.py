@@ -13,6 +13,8 @@ For each payload (``gpu8.prom``, ``gpu1024.prom.gz``):
   ``err_code`` label sets).
 * ``test_relay_ingest_identical``: the next scrape within the same 30 s collect period
   (the same body, parsed again): the shape is unchanged, the common case.
+* ``test_write_relabel``: an output's ``write_relabel_configs`` on the steady batch, beside
+  the same rules applied sample by sample (group "write_relabel <payload>").
 
 The relay tests record ``relay_over_parse`` (median relay time / median parse time of the
 same body, measured in the same test) in ``extra_info`` and print it. No assertion on time.
@@ -145,3 +147,57 @@ def test_cycle_bench_runs_every_stage() -> None:
     out = cycle_bench.run(cycle_bench.load("gpu8.prom"), cycles=8, pause=0.001)
     assert list(out) == list(cycle_bench.STAGES)
     assert all(v >= 0 for v in out.values())
+
+
+# -- an output's write_relabel_configs on the relayed batch (group "write_relabel") -------------------
+WRITE_RULES = [
+    {"source_labels": ["__name__"], "regex": "DCGM_FI_DEV_(GPU_UTIL|FB_USED|FB_FREE|GPU_TEMP|POWER_USAGE)",
+     "action": "keep"},
+    {"action": "labeldrop", "regex": "pod|namespace|container|pci_bus_id"},
+    {"source_labels": ["__name__"], "regex": "DCGM_FI_DEV_GPU_UTIL", "target_label": "__name__",
+     "replacement": "gpu_utilization_percent"},
+]
+
+
+def _steady_batches(name: str) -> Tuple[Any, Any]:
+    """Two relayed batches of the recorded body (equal tables, not the same objects)."""
+    _, cur_body, _ = bodies(name)
+    relay = Relay(load_csv("default"), output="both")
+    relay.ingest(dcgmrelay.parse(cur_body), target=TARGET, timestamp_ms=600_000)
+    a = relay.ingest(dcgmrelay.parse(cur_body), target=TARGET, timestamp_ms=615_000)
+    b = relay.ingest(dcgmrelay.parse(cur_body), target=TARGET, timestamp_ms=630_000)
+    return a, b
+
+
+@pytest.mark.parametrize("name", list(NODES))
+@pytest.mark.parametrize("impl", ["write_relabel", "per_sample_baseline"])
+def test_write_relabel(benchmark: Any, name: str, impl: str) -> None:
+    """The steady scrape through ``WriteRelabeler.apply`` beside the plain way: the same
+    (memoised) rules applied sample by sample to dicts, as ``RelabelRules.apply`` does.
+    Compare the two rows' medians (``extra_info['impl']``)."""
+    from dcgmrelay.relabel import compile_rules
+    from dcgmrelay.write_relabel import WriteRelabeler
+
+    benchmark.group = f"write_relabel {name}"
+    a, b = _steady_batches(name)
+    rules = compile_rules(WRITE_RULES, path="bench")
+    if impl == "write_relabel":
+        w = WriteRelabeler(rules)
+        w.apply(a)
+        batches = [a, b]
+        i = [0]
+
+        def step() -> int:
+            i[0] ^= 1
+            return len(w.apply(batches[i[0]]))
+    else:
+        def step() -> int:
+            kept = 0
+            for n, lab, *_ in b.samples():
+                kept += rules.apply({"__name__": n, **lab}, drop_meta=False) is not None
+            return kept
+
+        step()  # the rules' memo warm, as it is for WriteRelabeler
+    kept = benchmark(step)
+    assert 0 < kept < len(b)
+    benchmark.extra_info.update(samples=len(b), kept=kept, impl=impl)
