@@ -4,7 +4,8 @@
 
 For each payload: serve it on 127.0.0.1 (a separate process, not measured), start
 a real VictoriaMetrics as the receiver, then run each relay in turn scraping the
-payload every 1 s and shipping by remote write 1.0. After a warm-up, CPU seconds
+payload every 1 s and shipping by remote write 1.0 (with ``--floor``, floor_agent.py as a
+third: the same two HTTP exchanges in plain asyncio, nothing else). After a warm-up, CPU seconds
 (user + system, from /proc/<pid>/stat) over the measured window are divided by
 the samples scraped in it; peak RSS is VmHWM from /proc/<pid>/status. The table
 gives the ratio dcgmrelay / vmagent (lower is better). vmagent comes with
@@ -126,6 +127,19 @@ def measure(cmd: list[str], agent: str, port: int, samples_per_scrape: int, warm
             "rss_mib": rss}
 
 
+def steady_rw1_body(body: bytes) -> bytes:
+    """The remote write 1.0 body dcgmrelay sends for this page once steady (no metadata)."""
+    import dcgmrelay
+    from dcgmrelay.csvspec import load_csv
+    from dcgmrelay.encode import Encoder
+    from dcgmrelay.relay import Relay
+
+    relay, enc = Relay(load_csv("default"), include_non_dcgm=True, first_observation="full"), Encoder("rw1")
+    for t in (1000, 2000):
+        out, _ = enc.encode(relay.ingest(dcgmrelay.parse(body), target="bench", timestamp_ms=t))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=30.0, help="measured window per run (default 30)")
@@ -133,6 +147,9 @@ def main() -> int:
     ap.add_argument("--payloads", default="gpu8.prom,gpu1024.prom")
     ap.add_argument("--relay-args", default="",
                     help="extra flags for dcgmrelay run, e.g. \"--spool-dir /tmp/spool\" (a write-ahead output)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run floor_agent.py: the two HTTP exchanges a cycle in plain asyncio, nothing "
+                         "else (the least a Python/asyncio relay can spend)")
     ap.add_argument("--python", default=sys.executable,
                     help="interpreter that runs the relay: e.g. a clean venv where `pip install .` put "
                          "dcgmrelay, to measure what a user gets (default: this one)")
@@ -169,17 +186,23 @@ def main() -> int:
                                   f"-remoteWrite.url={vm.remote_write_url}", f"-remoteWrite.tmpDataPath={tmp / 'q'}",
                                   f"-httpListenAddr=127.0.0.1:{free_port()}", "-loggerLevel=ERROR"],
                                  "vm_promscrape", port, n, args.warmup, args.seconds)
+                floor = None
+                if args.floor:
+                    (tmp / "rw1.bin").write_bytes(steady_rw1_body(body))
+                    floor = measure([args.python, str(HERE / "floor_agent.py"), url, vm.remote_write_url,
+                                     str(tmp / "rw1.bin")], "floor", port, n, args.warmup, args.seconds)
             finally:
                 exporter.terminate()
                 shutil.rmtree(tmp, ignore_errors=True)
-            rows.append((name, n, ours, theirs))
+            rows.append((name, n, ours, theirs, floor))
     print(f"\nwhole process, 1 s scrape interval, remote write 1.0 into VictoriaMetrics, {args.seconds:.0f} s window")
     print(f"{'payload':<16} {'samples':>8} {'agent':<10} {'scrapes':>7} {'CPU s':>7} {'µs/sample':>10} "
           f"{'peak RSS MiB':>13} {'CPU ratio':>10} {'RSS ratio':>10}")
-    for name, n, ours, theirs in rows:
-        for agent, r in (("dcgmrelay", ours), ("vmagent", theirs)):
-            ratio = (f"{ours['us_per_sample'] / theirs['us_per_sample']:.2f}x" if agent == "dcgmrelay" else "")
-            rss = f"{ours['rss_mib'] / theirs['rss_mib']:.2f}x" if agent == "dcgmrelay" else ""
+    for name, n, ours, theirs, floor in rows:
+        agents = [("dcgmrelay", ours), ("vmagent", theirs)] + ([("floor", floor)] if floor else [])
+        for agent, r in agents:
+            ratio = (f"{r['us_per_sample'] / theirs['us_per_sample']:.2f}x" if agent != "vmagent" else "")
+            rss = f"{r['rss_mib'] / theirs['rss_mib']:.2f}x" if agent != "vmagent" else ""
             print(f"{name:<16} {n:>8} {agent:<10} {r['scrapes']:>7} {r['cpu_s']:>7.2f} {r['us_per_sample']:>10.2f} "
                   f"{r['rss_mib']:>13.1f} {ratio:>10} {rss:>10}")
     return 0
