@@ -108,6 +108,7 @@ def test_a_steady_scrape_runs_no_rules_and_keeps_the_output_tables() -> None:
     # same objects: the encoders' per-table caches hit
     assert second.names is first.names and second.labelsets is first.labelsets
     assert np.array_equal(second.name_ids, first.name_ids)
+    assert second.families is first.families  # the relay's families dict unchanged: the same one
 
 
 def test_new_and_changed_tables_map_correctly() -> None:

@@ -58,6 +58,8 @@ class _TargetState:
         self.entities: List[Entity] = []
         self.ent_idx: Dict[Tuple[Optional[str], ...], int] = {}
         self.last_ms = 0
+        self.families: Optional[Tuple[Dict[str, Tuple[str, Optional[str], Optional[str]]], int,
+                                      Dict[str, Tuple[str, Optional[str], Optional[str]]]]] = None
         # the last batch's id columns and what they resolved to (the steady scrape repeats them)
         self.last: Optional[Tuple[np.ndarray, ...]] = None
 
@@ -208,7 +210,13 @@ def _keys(nid: np.ndarray, lid: np.ndarray) -> np.ndarray:
 def _families(batch: RelayBatch, st: _TargetState
               ) -> Callable[[], Dict[str, Tuple[str, Optional[str], Optional[str]]]]:
     def families() -> Dict[str, Tuple[str, Optional[str], Optional[str]]]:
-        # a renamed series keeps its family's type, help and unit
+        # a renamed series keeps its family's type, help and unit; the same dict while the
+        # relay's is the same (the encoders skip an unchanged families dict by identity)
         src = batch.families
-        return {out: src[inp] for out, inp in zip(list(st.names), list(st.name_src)) if inp in src}
+        c = st.families
+        if c is not None and c[0] is src and c[1] == len(st.names):
+            return c[2]
+        out = {o: src[i] for o, i in zip(list(st.names), list(st.name_src)) if i in src}
+        st.families = (src, len(st.names), out)
+        return out
     return families
