@@ -362,6 +362,239 @@ def test_sample_limit_fails_the_scrape_counts_and_says_why(caplog, relabel):
         assert f"sample limit {scraped - 1} exceeded: {scraped} samples after metric relabeling" in warnings[0]
 
 
+def _scrape_metrics(metrics: str, prefix: str) -> list:
+    return [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(prefix)]
+
+
+# Every series of SimulatedNode(2, seed=5) has 10 labels (7 of the exporter, job, instance,
+# __name__); its longest label name is DCGM_FI_DRIVER_VERSION (22 bytes), its longest value
+# a UUID (40 bytes); its metric names are shorter than that (39 at most).
+_LABEL_CASES = {
+    "label_limit": (10, "label limit 9 exceeded: series '{}' has 10 labels (__name__ counted)"),
+    "label_name_length_limit": (22, "label name length limit 21 exceeded: series '{}' has label name "
+                                    "'DCGM_FI_DRIVER_VERSION' (22 bytes)"),
+    "label_value_length_limit": (40, "label value length limit 39 exceeded: series '{}' label 'UUID' has a value "
+                                     "of 40 bytes"),
+}
+
+
+@pytest.mark.parametrize("over", [True, False], ids=["over", "at"])
+@pytest.mark.parametrize("key", list(_LABEL_CASES))
+def test_label_limits_fail_the_scrape_count_and_say_why(caplog, key, over):
+    """global.label_limit / label_name_length_limit / label_value_length_limit (flags), as
+    Prometheus' limits of the same names: a scrape with a series (after metric relabeling,
+    target labels and __name__ included) past one fails as a whole, as with sample_limit:
+    up 0, only the health series relayed, its samples counted as dropped by reason
+    label_limit, logged once naming the series and the label. At the limit exactly, the
+    scrape is relayed as it is and nothing is counted."""
+    node = SimulatedNode(2, seed=5)
+    scraped = len(dcgmrelay.parse(node.render(0.0)))
+    at, says = _LABEL_CASES[key]
+    limit = at - 1 if over else at
+
+    async def main():
+        async with ExporterServer(node) as ex:
+            rx = CompactReceiver().start()
+            try:
+                app = RelayApp(_cfg(target=[ex.url], compact=[rx.compact_url], **{key: str(limit)}))
+                await _run_for(app, 1.6)
+                rx.flush()
+                from prometheus_client import generate_latest
+
+                return rx.received_samples(), generate_latest(app.metrics.registry).decode()
+            finally:
+                rx.stop()
+
+    with caplog.at_level("WARNING", logger="dcgmrelay"):
+        samples, metrics = asyncio.run(main())
+    names = {name for _t, name, _l, _v, _ts in samples}
+    ups = [v for _t, name, _l, v, _ts in samples if name == "up"]
+    health = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling"}
+    failed = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith("dcgmrelay_scrapes_total{") and 'result="failed"' in line]
+    dropped = _scrape_metrics(metrics, 'dcgmrelay_samples_dropped_total{reason="label_limit"}')
+    assert _scrape_metrics(metrics, 'dcgmrelay_samples_dropped_total{reason="sample_limit"}') == [0.0]
+    warnings = [r.getMessage() for r in caplog.records if "scrape failed" in r.getMessage()]
+    if not over:
+        assert ups and set(ups) == {1.0}
+        assert names - health, "a scrape at the limit is relayed"
+        assert failed == [0.0] and dropped == [0.0] and not warnings
+        return
+    assert names <= health, names
+    assert ups and set(ups) == {0.0}
+    posts = {v for _t, name, _l, v, _ts in samples if name == "scrape_samples_post_metric_relabeling"}
+    assert posts == {float(scraped)}
+    assert failed and failed[0] >= 2, failed
+    assert dropped and dropped[0] == failed[0] * scraped, (dropped, failed)
+    assert len(warnings) == 1, warnings  # once per target, not once per scrape
+    prefix, _, suffix = says.partition("'{}'")
+    assert prefix in warnings[0] and suffix in warnings[0], warnings[0]
+    series = warnings[0].split(prefix, 1)[1].split("'")[1]
+    assert series.startswith("DCGM_FI_"), warnings[0]
+
+
+def test_a_jobs_limits_win_over_the_global_ones(caplog):
+    """A target's (job's) sample_limit / label_limit override global's: 0 there lifts the
+    global limit for that job, an unset one inherits it, a set one applies even with no
+    global limit. Each failure is counted under its own reason."""
+    node = SimulatedNode(2, seed=5)
+    scraped = len(dcgmrelay.parse(node.render(0.0)))
+
+    async def main():
+        async with ExporterServer(node) as a, ExporterServer(node) as b, ExporterServer(node) as c:
+            rx = CompactReceiver().start()
+            try:
+                cfg = C.load_config(textwrap.dedent(f"""
+                    global: {{interval: 500ms, timeout: 500ms, label_limit: 9}}
+                    targets:
+                      - name: relaxed                   # label_limit 0: none, whatever global says
+                        label_limit: 0
+                        endpoints: [{{url: "{a.url}"}}]
+                      - name: inherits                  # global's label_limit 9: fails
+                        endpoints: [{{url: "{b.url}"}}]
+                      - name: capped                    # its own limits: labels fine, samples not
+                        label_limit: 10
+                        sample_limit: {scraped - 1}
+                        endpoints: [{{url: "{c.url}"}}]
+                    outputs: [{{type: compact, url: "{rx.compact_url}"}}]
+                    listen: 127.0.0.1:0
+                    """))
+                app = RelayApp(cfg)
+                await _run_for(app, 1.6)
+                rx.flush()
+                from prometheus_client import generate_latest
+
+                return rx.received_samples(), generate_latest(app.metrics.registry).decode()
+            finally:
+                rx.stop()
+
+    with caplog.at_level("WARNING", logger="dcgmrelay"):
+        samples, metrics = asyncio.run(main())
+    ups: dict = {}
+    for _t, name, labels, v, _ts in samples:
+        if name == "up":
+            ups.setdefault(labels["job"], set()).add(v)
+    assert ups == {"relaxed": {1.0}, "inherits": {0.0}, "capped": {0.0}}, ups
+    failed = {line.split('target="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+              for line in metrics.splitlines()
+              if line.startswith("dcgmrelay_scrapes_total{") and 'result="failed"' in line}
+    by_url = {s[0]: s[2]["job"] for s in samples}
+    failed = {by_url[k]: v for k, v in failed.items()}
+    assert failed["relaxed"] == 0 and failed["inherits"] >= 2 and failed["capped"] >= 2, failed
+    assert _scrape_metrics(metrics, 'dcgmrelay_samples_dropped_total{reason="label_limit"}') == [
+        failed["inherits"] * scraped]
+    assert _scrape_metrics(metrics, 'dcgmrelay_samples_dropped_total{reason="sample_limit"}') == [
+        failed["capped"] * scraped]
+    warnings = sorted(r.getMessage() for r in caplog.records if "scrape failed" in r.getMessage())
+    assert len(warnings) == 2, warnings
+    assert any("label limit 9 exceeded" in w for w in warnings), warnings
+    assert any(f"sample limit {scraped - 1} exceeded" in w for w in warnings), warnings
+
+
+def test_a_reload_that_changes_only_a_jobs_limit_applies_it():
+    """SIGHUP with a target whose URL and labels stay the same but whose label_limit is new:
+    the scrape loop keeps running (the same target to the scraper), and the new limit
+    applies from the next scrape on."""
+    node = SimulatedNode(2, seed=5)
+
+    async def main():
+        async with ExporterServer(node) as ex:
+            rx = CompactReceiver().start()
+            try:
+                text = textwrap.dedent(f"""
+                    global: {{interval: 300ms, timeout: 300ms}}
+                    targets: [{{name: dcgm, endpoints: [{{url: "{ex.url}"}}]LIMIT}}]
+                    outputs: [{{type: compact, url: "{rx.compact_url}"}}]
+                    listen: 127.0.0.1:0
+                    """)
+                configs = iter([C.load_config(text.replace("LIMIT", ", label_limit: 9"))])
+                app = RelayApp(C.load_config(text.replace("LIMIT", "")), loader=lambda: next(configs))
+                task = asyncio.create_task(app.run(install_signals=False))
+                await asyncio.sleep(1.0)
+                assert await app.reload()
+                reloaded_ms = time.time() * 1000
+                await asyncio.sleep(1.0)
+                app.stop()
+                await task
+                rx.flush()
+                return rx.received_samples(), reloaded_ms
+            finally:
+                rx.stop()
+
+    samples, reloaded_ms = asyncio.run(main())
+    ups = [(ts, v) for _t, name, _l, v, ts in samples if name == "up"]
+    before = {v for ts, v in ups if ts < reloaded_ms - 350}
+    after = {v for ts, v in ups if ts > reloaded_ms + 50}
+    assert before == {1.0} and after == {0.0}, ups
+
+
+# -- label limits, unit: what counts ---------------------------------------------------------------
+def _limited(body: str, **limits):
+    from dcgmrelay.app import _label_limit_problem
+    from dcgmrelay.targets import ScrapeLimits
+
+    return _label_limit_problem(dcgmrelay.parse(body.encode()), ScrapeLimits(**limits), {})
+
+
+def test_label_limit_counts_name_and_set_labels_as_prometheus():
+    """label_limit counts every label of a series, __name__ included (Prometheus'
+    verifyLabelLimits: lset.Len() of the series with its name); a label with an empty value is
+    no label (Prometheus drops it; so do the encoders) and does not count."""
+    body = 'm{a="1",b="2"} 1\nm{a="1",b="2",c=""} 2\n'
+    assert _limited(body, label_limit=3) is None  # a, b, __name__
+    assert _limited(body, label_limit=2) == "label limit 2 exceeded: series 'm' has 3 labels (__name__ counted)"
+    assert _limited(body, label_limit=0) is None and _limited(body) is None  # 0 / None: no limit
+
+
+def test_label_length_limits_count_bytes_and_include_the_metric_name():
+    """Name and value lengths are UTF-8 bytes (Go's len, as Prometheus measures); __name__ is a
+    label like the others: its value (the metric name) meets label_value_length_limit and its
+    name (8 bytes) label_name_length_limit."""
+    body = 'm{gpu="\u00e9\u00e9\u00e9"} 1\n'  # the value is 3 characters, 6 bytes
+    assert _limited(body, label_value_length_limit=6) is None
+    assert _limited(body, label_value_length_limit=5) == (
+        "label value length limit 5 exceeded: series 'm' label 'gpu' has a value of 6 bytes")
+    assert _limited('a_very_long_metric_name{gpu="0"} 1\n', label_value_length_limit=10) == (
+        "label value length limit 10 exceeded: series 'a_very_long_metric_name' label '__name__' has a value "
+        "of 23 bytes")
+    assert _limited(body, label_name_length_limit=8) is None
+    assert _limited(body, label_name_length_limit=7) == (
+        "label name length limit 7 exceeded: series 'm' has label name '__name__' (8 bytes)")
+    assert _limited('m{a_long_label="0"} 1\n', label_name_length_limit=10) == (
+        "label name length limit 10 exceeded: series 'm' has label name 'a_long_label' (12 bytes)")
+    long_name = "n" * 80  # shown cut to 50 characters, as Prometheus' %.50s
+    said = _limited(f'm{{{long_name}="0"}} 1\n', label_name_length_limit=60)
+    assert said is not None and "'" + "n" * 50 + "...'" in said and "(80 bytes)" in said
+
+
+def test_label_limits_only_count_label_sets_a_sample_uses():
+    """A label set of the table that no sample uses (its samples dropped) is not checked;
+    the verdict per table entry is memoised while the tables and limits stay the same."""
+    import numpy as np
+
+    from dcgmrelay._parser_py import TS_ABSENT, RawScrape
+    from dcgmrelay.app import _label_limit_problem
+    from dcgmrelay.scrape import Scrape
+    from dcgmrelay.targets import ScrapeLimits
+
+    labelsets = ((("a", "1"),), (("a", "1"), ("b", "2"), ("c", "3")))
+    def scrape(labelset_ids):
+        n = len(labelset_ids)
+        raw = RawScrape(np.ones(n), np.full(n, TS_ABSENT, dtype=np.int64), np.zeros(n, dtype=np.int32),
+                        np.array(labelset_ids, dtype=np.int32), ("m",), labelsets, {}, (), 0, 0)
+        return Scrape(raw, format="prometheus")
+
+    limits = ScrapeLimits(label_limit=3)
+    memo: dict = {}
+    assert _label_limit_problem(scrape([0, 0]), limits, memo) is None  # the 4-label set is unused
+    assert memo["bad_ls"] == {1: ("count", "", 4)}
+    table = memo["labelsets"]
+    assert _label_limit_problem(scrape([0, 1]), limits, memo) == (
+        "label limit 3 exceeded: series 'm' has 4 labels (__name__ counted)")
+    assert memo["labelsets"] is table  # same tables: not checked again
+    assert _label_limit_problem(scrape([]), limits, {}) is None
+
+
 # -- the process: signals -------------------------------------------------------------------------
 def _start_exporter_process(tmp_path: Path, n_gpus: int = 4, seed: int = 1) -> tuple[subprocess.Popen, str]:
     code = textwrap.dedent(f"""

@@ -961,6 +961,169 @@ def test_sample_limit_from_file_env_and_flag(tmp_path):
     assert "DCGMRELAY_SAMPLE_LIMIT" in str(e.value)
 
 
+def test_label_limits_from_file_env_and_flag(tmp_path):
+    """global.label_limit / label_name_length_limit / label_value_length_limit (Prometheus'
+    names), DCGMRELAY_LABEL_LIMIT ..., --label-limit ...: default 0 (no limit), shown by
+    check-config and loaded back, refused with the path (or flag / variable) when negative or
+    no integer."""
+    base = "targets: [{name: t, endpoints: [{address: 'a:9400'}]}]\noutputs: [{type: compact, url: 'http://c/'}]\n"
+    keys = ("label_limit", "label_name_length_limit", "label_value_length_limit")
+    cfg = load_config(base)
+    assert [getattr(cfg, f"global_{k}") for k in keys] == [0, 0, 0]
+    f = tmp_path / "relay.yaml"
+    f.write_text("global: {label_limit: 30, label_name_length_limit: 64, label_value_length_limit: 256}\n" + base)
+    cfg = load_config(str(f))
+    assert [getattr(cfg, f"global_{k}") for k in keys] == [30, 64, 256]
+    text = effective_config_text(cfg)
+    assert "label_limit: 30" in text and "label_name_length_limit: 64" in text
+    assert "label_value_length_limit: 256" in text
+    assert load_config(text) == cfg  # round trip
+    env = {"DCGMRELAY_CONFIG": str(f), "DCGMRELAY_LABEL_LIMIT": "20", "DCGMRELAY_LABEL_NAME_LENGTH_LIMIT": "32",
+           "DCGMRELAY_LABEL_VALUE_LENGTH_LIMIT": "128"}
+    cfg = config_from_args({}, env=env)
+    assert [getattr(cfg, f"global_{k}") for k in keys] == [20, 32, 128]
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    ns = parser.parse_args(["--label-limit", "0", "--label-name-length-limit", "16",
+                            "--label-value-length-limit", "1024"])
+    cfg = config_from_args(ns, env=env)  # flags win over the environment
+    assert [getattr(cfg, f"global_{k}") for k in keys] == [0, 16, 1024]
+    for k in keys:
+        for bad in ("-1", "many", "1.5", "true"):
+            with pytest.raises(ConfigError) as e:
+                load_config(f"global: {{{k}: {bad}}}\n" + base)
+            assert f"global.{k}" in str(e.value), (k, bad)
+        var = f"DCGMRELAY_{k.upper()}"
+        with pytest.raises(ConfigError) as e:
+            config_from_args({}, env={**env, var: "-5"})
+        assert var in str(e.value)
+        with pytest.raises(ConfigError) as e:
+            config_from_args({k: "x"}, env={})
+        assert "--" + k.replace("_", "-") in str(e.value)
+
+
+def test_per_target_limits_override_the_global_ones():
+    """sample_limit and the three label limits on a target (a job, as Prometheus' scrape_config):
+    a value set there, 0 (no limit) included, wins over global's; an unset one is None on the
+    Target and the global one applies. check-config prints only those set, and loads back."""
+    from dcgmrelay.targets import ScrapeLimits
+
+    text = yml("""
+        global: {sample_limit: 1000, label_limit: 20, label_value_length_limit: 100}
+        targets:
+          - name: capped
+            sample_limit: 50
+            label_limit: 0
+            label_name_length_limit: 40
+            endpoints: [{address: 'a:9400'}, {address: 'b:9400'}]
+          - name: inherits
+            endpoints: [{address: 'c:9400'}]
+          - name: pods
+            type: podmonitor
+            sample_limit: 7
+            label_value_length_limit: 63
+            endpoints: [{port: metrics}]
+        outputs: [{type: compact, url: 'http://c/'}]
+        """)
+    cfg = load_config(text)
+    capped, inherits, pods = cfg.targets
+    assert capped.limits == ScrapeLimits(sample_limit=50, label_limit=0, label_name_length_limit=40)
+    assert inherits.limits == ScrapeLimits()
+    assert pods.limits == ScrapeLimits(sample_limit=7, label_value_length_limit=63)
+    ta, tb, tc = static_targets(cfg)
+    assert ta.limits == tb.limits == capped.limits and tc.limits == ScrapeLimits()
+    g = cfg.global_limits
+    assert g == ScrapeLimits(1000, 20, 0, 100)
+    assert ta.limits.over(g) == ScrapeLimits(50, 0, 40, 100)  # 0 set on the job: no label limit for it
+    assert tc.limits.over(g) == g
+    # the discovery gets the PodMonitor spelling, only what is set
+    [d] = pod_monitor_dicts(cfg, env={})
+    assert (d["sampleLimit"], d["labelValueLengthLimit"]) == (7, 63)
+    assert "labelLimit" not in d and "labelNameLengthLimit" not in d
+    out = config_to_dict(cfg)
+    assert {k: out["targets"][0].get(k) for k in ScrapeLimits.KEYS} == {
+        "sample_limit": 50, "label_limit": 0, "label_name_length_limit": 40, "label_value_length_limit": None}
+    assert not set(ScrapeLimits.KEYS) & set(out["targets"][1])
+    assert load_config(effective_config_text(cfg)) == cfg
+    assert load_config(config_to_dict(cfg, reveal_secrets=True)) == cfg
+
+
+def test_per_target_limit_errors_name_the_path():
+    """A target's limit that is no integer >= 0 is refused at its YAML path and line, in the
+    native schema and in a WhatapAgent (there at the PodMonitor field's path)."""
+    got = problems(yml("""
+        targets:
+          - name: a
+            sample_limit: -1
+            endpoints: [{address: 'a:9400'}]
+          - name: b
+            type: podmonitor
+            label_limit: lots
+            label_name_length_limit: 2.5
+            label_value_length_limit: true
+        """))
+    assert got == [
+        ("targets[0].sample_limit", 3, "-1 is out of range: must be >= 0"),
+        ("targets[1].label_limit", 7, "expected an integer, got a string"),
+        ("targets[1].label_name_length_limit", 8, "expected an integer, got a number"),
+        ("targets[1].label_value_length_limit", 9, "expected an integer, got a boolean"),
+    ]
+    assert problems(yml("""
+        targets:
+          - name: a
+            sample_limt: 5
+            endpoints: [{address: 'a:9400'}]
+        """))[0][2].startswith("unknown key 'sample_limt' (did you mean 'sample_limit'?)")
+    wa = yml("""
+        apiVersion: monitoring.whatap.com/v2alpha1
+        kind: WhatapAgent
+        spec:
+          features:
+            openAgent:
+              targets:
+                - targetName: pods
+                  type: PodMonitor
+                  sampleLimit: -3
+                  labelValueLengthLimit: x
+                  endpoints: [{port: "9400"}]
+        """)
+    got = problems(wa)
+    assert got == [
+        ("spec.features.openAgent.targets[0].sampleLimit", 9, "-3 is out of range: must be >= 0"),
+        ("spec.features.openAgent.targets[0].labelValueLengthLimit", 10, "expected an integer, got a string"),
+    ]
+
+
+def test_whatap_agent_pod_monitor_limits_reach_the_targets():
+    """A WhatapAgent target's sampleLimit / labelLimit / labelNameLengthLimit /
+    labelValueLengthLimit (the PodMonitor spec fields) become the target's limits, and every
+    target the discovery makes from it carries them."""
+    from dcgmrelay.targets import ScrapeLimits
+
+    pods_at = '        - targetName: "pods"\n          type: "PodMonitor"\n'
+    assert pods_at in WHATAP_FULL
+    cfg = load_config(WHATAP_FULL.replace(pods_at, pods_at + '          sampleLimit: 5000\n          labelLimit: 25\n'
+                                          '          labelNameLengthLimit: 60\n          labelValueLengthLimit: 200\n'))
+    static, pods = cfg.targets
+    assert static.limits == ScrapeLimits()
+    assert pods.limits == ScrapeLimits(5000, 25, 60, 200)
+    [d] = pod_monitor_dicts(cfg, env={})
+    assert [d[k] for k in ("sampleLimit", "labelLimit", "labelNameLengthLimit", "labelValueLengthLimit")] == [
+        5000, 25, 60, 200]
+    text = effective_config_text(cfg)
+    assert "sample_limit: 5000" in text and "label_value_length_limit: 200" in text
+    assert load_config(config_to_dict(cfg, reveal_secrets=True)) == cfg
+    discovery = pytest.importorskip("dcgmrelay.discovery")
+    mon = discovery.PodMonitor.from_dict(d)
+    assert mon.limits == ScrapeLimits(5000, 25, 60, 200)
+    pod = {"metadata": {"name": "p", "namespace": "gpu", "labels": {"app": "dcgm-exporter"}},
+           "spec": {"nodeName": "n", "containers": [{"name": "c", "ports": [{"name": "metrics",
+                                                                            "containerPort": 9400}]}]},
+           "status": {"phase": "Running", "podIP": "10.0.0.9"}}
+    (t,) = discovery.pod_targets(pod, mon)
+    assert t.limits == ScrapeLimits(5000, 25, 60, 200)
+
+
 def test_body_size_limit_from_file_env_and_flag(tmp_path):
     """global.body_size_limit (Prometheus' name), DCGMRELAY_BODY_SIZE_LIMIT, --body-size-limit:
     default 64MiB, shown by check-config, refused with the path when it is no size."""
@@ -990,6 +1153,8 @@ def test_env_var_list():
         "DCGMRELAY_OPENMETRICS_PUSH": "--openmetrics-push", "DCGMRELAY_COMPACT": "--compact",
         "DCGMRELAY_INTERVAL": "--interval", "DCGMRELAY_TIMEOUT": "--timeout",
         "DCGMRELAY_BODY_SIZE_LIMIT": "--body-size-limit", "DCGMRELAY_SAMPLE_LIMIT": "--sample-limit",
+        "DCGMRELAY_LABEL_LIMIT": "--label-limit", "DCGMRELAY_LABEL_NAME_LENGTH_LIMIT": "--label-name-length-limit",
+        "DCGMRELAY_LABEL_VALUE_LENGTH_LIMIT": "--label-value-length-limit",
         "DCGMRELAY_CSV": "--csv",
         "DCGMRELAY_LISTEN": "--listen", "DCGMRELAY_SPOOL_DIR": "--spool-dir",
         "DCGMRELAY_SPOOL_MAX_BYTES": "--spool-max-bytes", "DCGMRELAY_SPOOL_FSYNC": "--spool-fsync",

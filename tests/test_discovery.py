@@ -168,6 +168,29 @@ def test_podmonitor_shapes_and_namespaces():
     assert PodMetricsEndpoint(port="metrics", port_number=1).port_rule() == ("name", "metrics")  # precedence
 
 
+def test_podmonitor_limits_are_spec_level_and_reach_every_target():
+    """prometheus-operator's PodMonitor has sampleLimit, labelLimit, labelNameLengthLimit and
+    labelValueLengthLimit in its spec (not per endpoint): every target of every endpoint
+    carries them; unset ones stay None (the relay's global limits apply); a value that is no
+    integer >= 0 is refused."""
+    from dcgmrelay.targets import ScrapeLimits
+
+    crd = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+           "metadata": {"name": "dcgm", "namespace": "gpu-monitoring"},
+           "spec": {"selector": {"matchLabels": {"app": "custom-dcgm"}}, "sampleLimit": 4000, "labelLimit": 0,
+                    "labelValueLengthLimit": 128,
+                    "podMetricsEndpoints": [{"port": "metrics"}, {"port": "metrics", "path": "/other"}]}}
+    m = PodMonitor.from_dict(crd)
+    assert m.limits == ScrapeLimits(sample_limit=4000, label_limit=0, label_value_length_limit=128)
+    targets = pod_targets(_pod(), m)
+    assert len(targets) == 2 and all(t.limits == m.limits for t in targets)
+    assert SEED_MON.limits == ScrapeLimits()
+    assert all(t.limits == ScrapeLimits() for t in pod_targets(_pod(), SEED_MON))
+    for bad in (-1, "10", 2.5, True):
+        with pytest.raises(ValueError, match="sampleLimit must be an integer >= 0"):
+            PodMonitor.from_dict({**crd, "spec": {**crd["spec"], "sampleLimit": bad}})
+
+
 def _pod(name="dcgm-0", ns="gpu-monitoring", labels=None, ip="10.0.0.5", phase="Running", node="gpu-node-1",
          containers=None, init_containers=None):
     spec: Dict[str, Any] = {"nodeName": node, "containers": containers if containers is not None else [

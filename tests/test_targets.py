@@ -12,7 +12,8 @@ import pytest
 
 from dcgmrelay.errors import DcgmRelayError
 from dcgmrelay.relabel import compile_rules
-from dcgmrelay.targets import Target, TargetLabelError, format_duration, scrape_labels, target_from_labels
+from dcgmrelay.targets import (ScrapeLimits, Target, TargetLabelError, format_duration, scrape_labels,
+                               target_from_labels)
 
 BASE = {"job": "dcgm", "__address__": "10.0.0.5:9400", "__scheme__": "http", "__metrics_path__": "/metrics",
         "__scrape_interval__": "15s", "__scrape_timeout__": "10s"}
@@ -154,6 +155,20 @@ def test_auth_tls_and_metric_relabel_go_in_as_they_are():
     t = _t(auth={"bearer_token_file": "/t"}, tls={"ca_file": "/ca"}, metric_relabel=[rule])
     assert (dict(t.auth), dict(t.tls), list(t.metric_relabel)) == ({"bearer_token_file": "/t"}, {"ca_file": "/ca"},
                                                                   [rule])
+
+
+def test_limits_go_in_and_a_job_limit_wins_over_the_global_one():
+    """A job's ScrapeLimits ride on its targets; over() takes each limit the job sets, 0 (no
+    limit) included, and the global one for each it leaves unset (None)."""
+    job = ScrapeLimits(sample_limit=500, label_limit=0)
+    assert _t(limits=job).limits == job
+    assert _t().limits == ScrapeLimits()  # none given: every one unset
+    glob = ScrapeLimits(1000, 30, 64, 256)
+    assert job.over(glob) == ScrapeLimits(500, 0, 64, 256)
+    assert ScrapeLimits().over(glob) == glob
+    assert job.set_items() == {"sample_limit": 500, "label_limit": 0}
+    assert ScrapeLimits.KEYS == ("sample_limit", "label_limit", "label_name_length_limit", "label_value_length_limit")
+    assert pickle.loads(pickle.dumps(_t(limits=job))).limits == job
 
 
 @pytest.mark.parametrize("label,value,says", [

@@ -7,7 +7,9 @@ Per scrape result (one coroutine, on the event loop):
 
 1. the target's labels (``job``, ``instance``, discovery labels) are added per label set,
    exporter labels winning (honor_labels), then its metric relabeling (per distinct series);
-   more samples than ``global.sample_limit`` after it fail the scrape as a whole;
+   more samples than the target's (job's) ``sample_limit`` (else ``global.sample_limit``) after
+   it, or a series past its ``label_limit`` / ``label_name_length_limit`` /
+   ``label_value_length_limit``, fail the scrape as a whole (:func:`_label_limit_problem`);
 2. Prometheus-style health series (``up``, ``scrape_duration_seconds``,
    ``scrape_samples_scraped``, ``scrape_samples_post_metric_relabeling``) are appended;
 3. :meth:`Relay.ingest` applies the CSV, kinds and deltas; a failed scrape carries only
@@ -31,9 +33,11 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from . import config as _config
 from . import fields
@@ -48,7 +52,7 @@ from .scrape import Scrape
 from .scraper import Scraper, ScrapeResult
 from .selfmetrics import SelfMetrics, output_families, relay_families, spool_families
 from .spool import Spool
-from .targets import StaticTargets, Target, TargetSource, shard_targets
+from .targets import ScrapeLimits, StaticTargets, Target, TargetSource, shard_targets
 from .transport import Output, RetryPolicy, WriteAheadQueue, build_client_kwargs, spool_hook_for
 from .write_relabel import WriteRelabeler
 
@@ -192,6 +196,11 @@ class RelayApp:
         self._source_targets: Dict[int, List[Target]] = {}
         self._source_tasks: List[asyncio.Task[None]] = []
         self._relabel: Dict[str, RelabelRules] = {}
+        # the targets of the latest update by key: the limits are read here, not from the
+        # target a running scrape loop holds (the scraper keeps that one while the key and
+        # labels stay the same, so a reload that only changes a limit would not reach it)
+        self._targets: Dict[str, Target] = {}
+        self._limit_memo: Dict[str, Dict[str, Any]] = {}  # per target: _label_limit_problem's
         self._down: set[str] = set()
         self._logged_errors: Dict[str, str] = {}
         # per target: the label sets with the target's labels, reused while the exporter's
@@ -208,12 +217,21 @@ class RelayApp:
         self.batches_submitted = 0
         #: samples of scrapes failed by the sample limit (dcgmrelay_samples_dropped{reason="sample_limit"})
         self.sample_limit_dropped = 0
-        self.metrics.add_source("relay", lambda: relay_families(
-            {**self.relay.stats.as_dict(), "dropped_sample_limit": self.sample_limit_dropped}, self.relay.series_count()))
+        #: samples of scrapes failed by a label limit (label_limit, label_name_length_limit,
+        #: label_value_length_limit: dcgmrelay_samples_dropped{reason="label_limit"})
+        self.label_limit_dropped = 0
+        self.metrics.add_source("relay", self._relay_families)
         self.metrics.add_source("outputs", lambda: output_families(
             {n: {**s.output.stats.as_dict(), "dropped_samples": s.dropped_samples()} for n, s in self.outputs.items()}))
         self.metrics.add_source("spools", lambda: spool_families(
             {n: self._spool_stats(s.spool) for n, s in self.outputs.items() if s.spool is not None}))
+
+    def _relay_families(self) -> Iterator[Metric]:
+        for fam in relay_families({**self.relay.stats.as_dict(), "dropped_sample_limit": self.sample_limit_dropped},
+                                  self.relay.series_count()):
+            if isinstance(fam, CounterMetricFamily) and fam.name == "dcgmrelay_samples_dropped":
+                fam.add_metric(["label_limit"], self.label_limit_dropped)
+            yield fam
 
     # -- public ----------------------------------------------------------------------------------
     @property
@@ -355,6 +373,7 @@ class RelayApp:
             i, n = self.cfg.shard
             all_targets = shard_targets(all_targets, i, n)
         before = {t.key for t in self.scraper.targets}
+        self._targets = {t.key: t for t in all_targets}  # as the scraper's: the last of a key wins
         started, stopped = self.scraper.update(all_targets)
         now_ms = int(time.time() * 1000)
         for key in before - {t.key for t in all_targets}:  # gone: end its series now
@@ -363,6 +382,7 @@ class RelayApp:
             self.metrics.forget_target(key)
             self._relabel.pop(key, None)
             self._label_memo.pop(key, None)
+            self._limit_memo.pop(key, None)
             self._logged_errors.pop(key, None)
             self._down.discard(key)
         self.metrics.targets.labels("all").set(len(all_targets))
@@ -412,11 +432,21 @@ class RelayApp:
             if rules is not None:
                 scrape = scrape.relabeled(rules)
             post = len(scrape)
-            limit = self.cfg.global_sample_limit
+            # the job's limits where it sets them, else the global ones (0: none)
+            limits = self._targets.get(key, r.target).limits.over(self.cfg.global_limits)
+            limit = limits.sample_limit
             if limit and post > limit:  # Prometheus' sample_limit: the whole scrape fails
                 up, scrape = False, None
                 error = f"sample limit {limit} exceeded: {post} samples after metric relabeling"
                 self.sample_limit_dropped += post
+            elif limits.label_limit or limits.label_name_length_limit or limits.label_value_length_limit:
+                memo = self._limit_memo.get(key)
+                if memo is None:
+                    memo = self._limit_memo[key] = {}
+                problem = _label_limit_problem(scrape, limits, memo)
+                if problem is not None:  # Prometheus' label limits: the whole scrape fails too
+                    up, scrape, error = False, None, problem
+                    self.label_limit_dropped += post
         m.scraped(key, up, r.duration_s, r.timestamp_ms / 1000)
         if up:
             self._down.discard(key)
@@ -528,3 +558,97 @@ def _health_scrape(labels: Mapping[str, str], up: bool, duration_s: float, scrap
     labelsets = _health_labelsets(tuple(labels.items()))
     raw = RawScrape(values, _HEALTH_TS, _HEALTH_IDS, _HEALTH_LS, _HEALTH_NAMES, labelsets, {}, (), 0, 0)
     return Scrape(raw, format="prometheus", tables=(_HEALTH_NAMES, labelsets, _HEALTH_FIELD_IDS))
+
+# -- label limits ----------------------------------------------------------------------------------
+def _nbytes(s: str) -> int:
+    """Length in UTF-8 bytes, as Prometheus (Go's ``len``) measures names and values."""
+    return len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))
+
+
+def _shown(s: str) -> str:
+    """A name or value for a log line: at most 50 characters (Prometheus' ``%.50s``)."""
+    return repr(s if len(s) <= 50 else s[:50] + "...")
+
+
+def _labelset_problem(pairs: Tuple[Tuple[str, str], ...], label_limit: int, name_limit: int,
+                      value_limit: int) -> Optional[Tuple[str, str, int]]:
+    """What of a label set breaks a limit: ``("count", "", labels)``, ``("name", label, bytes)``
+    or ``("value", label, bytes)``; None if nothing.
+
+    The labels are those the series is sent with: a label with an empty value is no label
+    and a repeated name counts once (the encoders drop both, Prometheus treats them so);
+    ``__name__`` (the metric name, not in the label set) is one more. Prometheus'
+    ``verifyLabelLimits`` counts ``lset.Len()`` of the series with its ``__name__``, and checks
+    the length of every label's name and value, ``__name__``'s included; so does this (the
+    name's part is in :func:`_label_limit_problem`)."""
+    seen = set()
+    for k, v in pairs:
+        if v == "" or k == "__name__" or k in seen:
+            continue
+        seen.add(k)
+        if name_limit and _nbytes(k) > name_limit:
+            return ("name", k, _nbytes(k))
+        if value_limit and _nbytes(v) > value_limit:
+            return ("value", k, _nbytes(v))
+    if label_limit and len(seen) + 1 > label_limit:
+        return ("count", "", len(seen) + 1)
+    return None
+
+
+def _label_limit_problem(scrape: Scrape, limits: ScrapeLimits, memo: Dict[str, Any]) -> Optional[str]:
+    """Why ``scrape`` (after metric relabeling, with the target's labels) breaks the
+    ``label_limit`` / ``label_name_length_limit`` / ``label_value_length_limit`` of ``limits``
+    (0 or None: none), naming a series and the label; None when it does not.
+
+    Checked per distinct label set and per distinct metric name, never per sample: a table
+    entry's verdict is kept in ``memo`` (one per target) while the tables and limits stay the
+    same, as they do from one scrape of an exporter to the next; only the entries some sample
+    uses count (numpy ``bincount`` over the id columns)."""
+    n = len(scrape)
+    if not n:
+        return None
+    ll = limits.label_limit or 0
+    nl = limits.label_name_length_limit or 0
+    vl = limits.label_value_length_limit or 0
+    key = (ll, nl, vl)
+    if nl and nl < len("__name__"):  # every series has one (Prometheus checks it as any label)
+        name = scrape.names[int(scrape.name_ids[0])]
+        return (f"label name length limit {nl} exceeded: series {_shown(name)} has label name '__name__' "
+                f"({len('__name__')} bytes)")
+    if memo.get("limits") == key and memo.get("labelsets") == scrape.labelsets:
+        bad_ls: Dict[int, Tuple[str, str, int]] = memo["bad_ls"]
+    else:
+        bad_ls = {}
+        for lid, pairs in enumerate(scrape.labelsets):
+            why = _labelset_problem(pairs, ll, nl, vl)
+            if why is not None:
+                bad_ls[lid] = why
+        memo.update(limits=key, labelsets=scrape.labelsets, bad_ls=bad_ls)
+    if bad_ls:
+        used = np.bincount(scrape.labelset_ids, minlength=len(scrape.labelsets))
+        for lid, (what, label, size) in bad_ls.items():
+            if not used[lid]:
+                continue
+            first = int(np.flatnonzero(scrape.labelset_ids == lid)[0])
+            name = _shown(scrape.names[int(scrape.name_ids[first])])
+            if what == "count":
+                return f"label limit {ll} exceeded: series {name} has {size} labels (__name__ counted)"
+            if what == "name":
+                return f"label name length limit {nl} exceeded: series {name} has label name {_shown(label)} " \
+                       f"({size} bytes)"
+            return f"label value length limit {vl} exceeded: series {name} label {_shown(label)} has a value " \
+                   f"of {size} bytes"
+    if vl:  # __name__'s value: the metric name
+        if memo.get("vl") == vl and memo.get("names") == scrape.names:
+            bad_names: List[int] = memo["bad_names"]
+        else:
+            bad_names = [i for i, nm in enumerate(scrape.names) if _nbytes(nm) > vl]
+            memo.update(vl=vl, names=scrape.names, bad_names=bad_names)
+        if bad_names:
+            used_n = np.bincount(scrape.name_ids, minlength=len(scrape.names))
+            for i in bad_names:
+                if used_n[i]:
+                    name = scrape.names[i]
+                    return (f"label value length limit {vl} exceeded: series {_shown(name)} label '__name__' "
+                            f"has a value of {_nbytes(name)} bytes")
+    return None

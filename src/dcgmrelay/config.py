@@ -15,11 +15,16 @@ Native schema (every key optional unless marked; durations are Prometheus string
       timeout: 10s                   # default scrape timeout (min(timeout, interval)); must be <= interval
       body_size_limit: 64MiB         # a target's body (after decompression) past this fails the scrape
       sample_limit: 0                # a scrape with more samples (after metric relabeling) fails; 0 = none
+      label_limit: 0                 # ... with a series of more labels (__name__ counted); 0 = none
+      label_name_length_limit: 0     # ... with a label name longer than this (bytes); 0 = none
+      label_value_length_limit: 0    # ... with a label value longer than this (bytes); 0 = none
     targets:
       - name: local-dcgm             # REQUIRED: the job label
         type: static                 # static (default) | podmonitor
         enabled: true                # false: validated, then skipped
         relabel_configs: []          # Prometheus target relabeling (job, __address__, __scheme__, ...)
+        sample_limit: 5000           # this job's limits (any of the four above): a set one, 0 included,
+        label_limit: 30              #   wins over global's; unset: global's
         endpoints:                   # REQUIRED for static
           - url: http://127.0.0.1:9400/metrics   # or address: host:port (+ scheme, path)
             interval: 15s
@@ -87,11 +92,14 @@ targets (``targetName`` = job; ``enabled: false`` skipped; ``globalInterval`` /
 {matchLabels, matchExpressions}, ``relabelConfigs`` and endpoints with ``port``,
 ``path``, ``interval``, ``scheme``, ``params``, ``tlsConfig``, ``basicAuth``,
 ``authorization``, ``metricRelabelConfigs``, ``addNodeLabel``; ``scrapeTimeout``
-is accepted as in prometheus-operator). The PodMonitors' own namespace is
-``metadata.namespace``, else ``whatap-monitoring``. ``openAgent`` enabled with no
-``targets`` and ``k8sAgent.gpuMonitoring.enabled: true`` is the seed's "simple
-setup": one PodMonitor ``whatap-dcgm-exporter`` on the node agent's sidecar
-(namespace above, ``name: whatap-node-agent``, port 9400). ``spec.license``
+is accepted as in prometheus-operator). The PodMonitor spec fields ``sampleLimit``,
+``labelLimit``, ``labelNameLengthLimit`` and ``labelValueLengthLimit`` on a target
+are its ``sample_limit`` ... (on a ``StaticEndpoints`` target too: a target is a
+job). The PodMonitors' own namespace is ``metadata.namespace``, else
+``whatap-monitoring``. ``openAgent`` enabled with no ``targets`` and
+``k8sAgent.gpuMonitoring.enabled: true`` is the seed's "simple setup": one
+PodMonitor ``whatap-dcgm-exporter`` on the node agent's sidecar (namespace above,
+``name: whatap-node-agent``, port 9400). ``spec.license``
 becomes a :class:`Secret` (``whatap.license``), ``spec.host``/``port`` are kept.
 The operator-only fields (images, labels, scheduling, ``apm``, ``k8sAgent`` ...)
 are known and ignored; anything else is an error. Kubernetes Secret references
@@ -142,6 +150,7 @@ from .errors import DcgmRelayError
 from .relabel import RelabelError, compile_rules
 from .targets import (
     DEFAULT_BODY_SIZE_LIMIT,
+    ScrapeLimits,
     Target,
     TargetLabelError,
     format_duration,
@@ -885,6 +894,8 @@ class StaticTargetConfig:
     name: str
     endpoints: Tuple[EndpointConfig, ...] = ()
     relabel_configs: Tuple[Mapping[str, Any], ...] = ()
+    #: the job's ``sample_limit`` / ``label_limit`` / ``label_*_length_limit`` (None: global's)
+    limits: ScrapeLimits = ScrapeLimits()
 
 
 @dataclass(frozen=True)
@@ -919,6 +930,8 @@ class PodMonitorConfig:
     endpoints: Tuple[EndpointConfig, ...] = (EndpointConfig(),)
     relabel_configs: Tuple[Mapping[str, Any], ...] = ()
     job_label: Optional[str] = None
+    #: the job's ``sample_limit`` / ``label_limit`` / ``label_*_length_limit`` (None: global's)
+    limits: ScrapeLimits = ScrapeLimits()
 
     def to_discovery_dict(self, env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
         """The camelCase mapping :meth:`dcgmrelay.discovery.PodMonitor.from_dict` reads.
@@ -927,7 +940,8 @@ class PodMonitorConfig:
         :class:`~dcgmrelay.targets.Target` objects need: per endpoint ``auth`` and ``tls``
         (in ``Target`` form, secrets as :class:`Secret`; ``credentials_env`` read from
         ``env``), ``metricRelabelConfigs`` and ``addNodeLabel``; ``relabelConfigs`` for the
-        target relabeling.
+        target relabeling; ``sampleLimit``, ``labelLimit``, ``labelNameLengthLimit`` and
+        ``labelValueLengthLimit`` where set.
         """
         env = os.environ if env is None else env
         eps = []
@@ -955,7 +969,15 @@ class PodMonitorConfig:
         if self.job_label:
             out["jobLabel"] = self.job_label
         out["relabelConfigs"] = [dict(r) for r in self.relabel_configs]
+        for k, n in self.limits.set_items().items():
+            out[_POD_MONITOR_LIMIT_KEYS[k]] = n
         return out
+
+
+#: native config key -> PodMonitor (prometheus-operator) spec field
+_POD_MONITOR_LIMIT_KEYS = {"sample_limit": "sampleLimit", "label_limit": "labelLimit",
+                           "label_name_length_limit": "labelNameLengthLimit",
+                           "label_value_length_limit": "labelValueLengthLimit"}
 
 
 @dataclass(frozen=True)
@@ -1073,6 +1095,12 @@ class RelayConfig:
     #: Samples of one scrape (after metric relabeling) past which the whole scrape fails
     #: (Prometheus' ``sample_limit``: ``up`` 0, nothing of it relayed); 0 = no limit.
     global_sample_limit: int = 0
+    #: Prometheus' ``label_limit``, ``label_name_length_limit``, ``label_value_length_limit``: a
+    #: scrape with a series (after metric relabeling, target labels and ``__name__`` included)
+    #: of more labels, or a label name / value of more bytes, fails as a whole; 0 = no limit.
+    global_label_limit: int = 0
+    global_label_name_length_limit: int = 0
+    global_label_value_length_limit: int = 0
     whatap: Optional[WhatapConfig] = None
     source: Optional[str] = field(default=None, compare=False)
     origin: str = field(default="native", compare=False)
@@ -1080,6 +1108,12 @@ class RelayConfig:
     # What was written (native schema), for merge(): inherited settings stay inherited.
     _raw: Any = field(default=None, repr=False, compare=False)
     _base_dir: Optional[str] = field(default=None, repr=False, compare=False)
+
+    @property
+    def global_limits(self) -> ScrapeLimits:
+        """The ``global.*`` scrape limits (every one set; 0 = none)."""
+        return ScrapeLimits(self.global_sample_limit, self.global_label_limit, self.global_label_name_length_limit,
+                            self.global_label_value_length_limit)
 
     @property
     def static_targets(self) -> List[StaticTargetConfig]:
@@ -1092,11 +1126,11 @@ class RelayConfig:
 
 # ------------------------------------------------------------------------------------ native schema
 
-_GLOBAL_KEYS = ("interval", "timeout", "body_size_limit", "sample_limit")
+_GLOBAL_KEYS = ("interval", "timeout", "body_size_limit") + ScrapeLimits.KEYS
 _TOP_KEYS = ("global", "targets", "outputs", "csv", "relay", "spool", "listen", "logging", "shard",
              "kubernetes", "whatap")
 _TARGET_KEYS = ("name", "type", "enabled", "endpoints", "relabel_configs", "namespace", "namespace_selector",
-                "selector", "job_label")
+                "selector", "job_label") + ScrapeLimits.KEYS
 _ENDPOINT_KEYS = ("url", "address", "port", "path", "scheme", "interval", "timeout", "params", "labels", "tls",
                   "basic_auth", "authorization", "metric_relabel_configs", "add_node_label")
 _TLS_KEYS = ("ca_file", "cert_file", "key_file", "insecure_skip_verify", "server_name")
@@ -1136,11 +1170,12 @@ class _Native:
             return {}
         out: Dict[str, Any] = {}
         g = v.mapping(top.raw("global"), top.p("global"), top.m("global"), _GLOBAL_KEYS)
-        gi, gt, gb, gs = 15.0, None, DEFAULT_BODY_SIZE_LIMIT, 0
+        gi, gt, gb = 15.0, None, DEFAULT_BODY_SIZE_LIMIT
+        glimits = {k: 0 for k in ScrapeLimits.KEYS}
         if g is not None:
-            gs = g.get("sample_limit", _p_int, 0, lo=0)
-            if gs is _BAD:
-                gs = 0
+            for k in ScrapeLimits.KEYS:
+                n = g.get(k, _p_int, 0, lo=0)
+                glimits[k] = 0 if n is _BAD else n
             gi = g.get("interval", _p_duration, 15.0)
             gt = g.get("timeout", _p_duration, None)
             gb = g.get("body_size_limit", _p_size, DEFAULT_BODY_SIZE_LIMIT)
@@ -1156,7 +1191,8 @@ class _Native:
             gt = min(10.0, gi)
         out["global_interval"], out["global_timeout"] = gi, gt
         out["global_body_size_limit"] = gb
-        out["global_sample_limit"] = gs
+        for k, n in glimits.items():
+            out[f"global_{k}"] = n
 
         targets = []
         names: Dict[str, str] = {}
@@ -1266,6 +1302,7 @@ class _Native:
                 if m.has(k):
                     v.err(m.p(k), f"{k} applies to podmonitor targets only", m.m(k))
         relabel = self.relabel(m, "relabel_configs")
+        limits = self.limits(m)
         if pod:
             if m.has("endpoints"):
                 eps_raw = v.seq(m.raw("endpoints"), m.p("endpoints"), m.m("endpoints"), "a list of endpoints")
@@ -1297,12 +1334,21 @@ class _Native:
             job_label = m.get("job_label", _p_str)
             if job_label is not _BAD and job_label is not None and _check_k8s_key(job_label):
                 v.err(m.p("job_label"), _check_k8s_key(job_label) or "", m.m("job_label"))
-        if enabled is False or _BAD in (name, ttype, relabel, ns, nssel, sel, job_label):
+        if enabled is False or _BAD in (name, ttype, relabel, ns, nssel, sel, job_label, limits):
             return None
         if pod:
             return PodMonitorConfig(name=name, namespace=ns, namespace_selector=nssel, selector=sel,
-                                    endpoints=tuple(endpoints), relabel_configs=relabel, job_label=job_label)
-        return StaticTargetConfig(name=name, endpoints=tuple(endpoints), relabel_configs=relabel)
+                                    endpoints=tuple(endpoints), relabel_configs=relabel, job_label=job_label,
+                                    limits=limits)
+        return StaticTargetConfig(name=name, endpoints=tuple(endpoints), relabel_configs=relabel, limits=limits)
+
+    def limits(self, m: _M) -> Any:
+        """A target's (job's) ``sample_limit`` / ``label_limit`` / ``label_*_length_limit``:
+        integers >= 0, None where not given (the global one applies)."""
+        vals = [m.get(k, _p_int, None, lo=0) for k in ScrapeLimits.KEYS]
+        if _BAD in vals:
+            return _BAD
+        return ScrapeLimits(*vals)
 
     def relabel(self, m: _M, key: str) -> Any:
         if not m.has(key):
@@ -1713,7 +1759,8 @@ _WA_OPENAGENT_USED = ("enabled", "globalInterval", "globalPath", "targets")
 _WA_OPENAGENT_IGNORED = ("imageName", "imageVersion", "customImageFullName", "labels", "annotations", "podLabels",
                          "podAnnotations", "imagePullSecrets", "priorityClassName", "nodeSelector", "affinity",
                          "tolerations", "nodeName", "podSecurityContext", "envs", "disableForeground")
-_WA_TARGET_KEYS = ("targetName", "type", "enabled", "namespaceSelector", "selector", "relabelConfigs", "endpoints")
+_WA_TARGET_KEYS = ("targetName", "type", "enabled", "namespaceSelector", "selector", "relabelConfigs", "endpoints",
+                   "sampleLimit", "labelLimit", "labelNameLengthLimit", "labelValueLengthLimit")
 _WA_ENDPOINT_KEYS = ("port", "address", "path", "interval", "scrapeTimeout", "scheme", "tlsConfig", "basicAuth",
                      "authorization", "metricRelabelConfigs", "params", "addNodeLabel")
 _WA_TLS_KEYS = ("insecureSkipVerify", "caSecret", "certSecret", "keySecret", "caFile", "certFile", "keyFile",
@@ -1902,6 +1949,8 @@ class _WA:
                 val = nm
             self.put(out, dst, val, p, mk)
         self.copy(out, t, path, "relabelConfigs", "relabel_configs")
+        for native_key, wa_key in _POD_MONITOR_LIMIT_KEYS.items():  # PodMonitor spec fields, any target here
+            self.copy(out, t, path, wa_key, native_key)
         if "endpoints" in t:
             eps, ep_path, ep_mark = self.node(t, "endpoints", path)
             if isinstance(eps, list):
@@ -2123,6 +2172,7 @@ def config_to_dict(cfg: RelayConfig, *, reveal_secrets: bool = False) -> Dict[st
             d = {"name": t.name, "type": "static"}
         if t.relabel_configs:
             d["relabel_configs"] = [dict(x) for x in t.relabel_configs]
+        d.update(t.limits.set_items())
         d["endpoints"] = [_endpoint_dict(e, isinstance(t, PodMonitorConfig), r) for e in t.endpoints]
         targets.append(d)
     outputs = []
@@ -2158,7 +2208,7 @@ def config_to_dict(cfg: RelayConfig, *, reveal_secrets: bool = False) -> Dict[st
     out: Dict[str, Any] = {
         "global": {"interval": format_duration(cfg.global_interval), "timeout": format_duration(cfg.global_timeout),
                    "body_size_limit": _format_size(cfg.global_body_size_limit),
-                   "sample_limit": cfg.global_sample_limit},
+                   **cfg.global_limits.set_items()},
         "targets": targets,
         "outputs": outputs,
         "csv": cfg.csv,
@@ -2276,6 +2326,12 @@ _SETTINGS: Tuple[_Setting, ...] = (
              "a scrape whose body (after decompression) exceeds this fails (default 64MiB)", "SIZE"),
     _Setting("sample_limit", "--sample-limit", "DCGMRELAY_SAMPLE_LIMIT", "count",
              "a scrape with more samples than this after metric relabeling fails (default 0: no limit)", "N"),
+    _Setting("label_limit", "--label-limit", "DCGMRELAY_LABEL_LIMIT", "count",
+             "a scrape with a series of more labels than this (__name__ counted) fails (default 0: no limit)", "N"),
+    _Setting("label_name_length_limit", "--label-name-length-limit", "DCGMRELAY_LABEL_NAME_LENGTH_LIMIT", "count",
+             "a scrape with a label name longer than this (bytes) fails (default 0: no limit)", "N"),
+    _Setting("label_value_length_limit", "--label-value-length-limit", "DCGMRELAY_LABEL_VALUE_LENGTH_LIMIT",
+             "count", "a scrape with a label value longer than this (bytes) fails (default 0: no limit)", "N"),
     _Setting("csv", "--csv", "DCGMRELAY_CSV", "csv", "collectors CSV file or built-in profile "
              "(default, dcp, whatap, 1.x)", "CSV|PROFILE"),
     _Setting("listen", "--listen", "DCGMRELAY_LISTEN", "str", "address of /metrics and /healthz "
@@ -2485,7 +2541,8 @@ def overrides_from_args(args: Any, env: Optional[Mapping[str, str]] = None,
     put("global", "interval", p.get("interval"))
     put("global", "timeout", p.get("timeout"))
     put("global", "body_size_limit", p.get("body_size_limit"))
-    put("global", "sample_limit", p.get("sample_limit"))
+    for k in ScrapeLimits.KEYS:
+        put("global", k, p.get(k))
     if p.get("csv") is not None:
         o["csv"] = p["csv"]
     if p.get("listen") is not None:
@@ -2643,7 +2700,7 @@ def static_targets(cfg: RelayConfig, env: Optional[Mapping[str, str]] = None) ->
                 target = target_from_labels(labels, name=f"{where} (job {t.name})", job=t.name, scheme=ep.scheme,
                                             interval_s=ep.interval, timeout_s=ep.timeout, params=ep.params,
                                             auth=_auth_of(ep, where, env), tls=_tls_target(ep.tls),
-                                            metric_relabel=ep.metric_relabel_configs)
+                                            metric_relabel=ep.metric_relabel_configs, limits=t.limits)
             except TargetLabelError as exc:
                 log.warning("%s; it is not scraped", exc)
                 continue

@@ -18,12 +18,14 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Dict, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import (AsyncIterator, ClassVar, Dict, Mapping, Optional, Protocol, Sequence, Tuple, Union,
+                    runtime_checkable)
 
 from .errors import DcgmRelayError
 
 __all__ = [
     "DEFAULT_BODY_SIZE_LIMIT",
+    "ScrapeLimits",
     "StaticTargets",
     "Target",
     "TargetLabelError",
@@ -40,6 +42,42 @@ __all__ = [
 #: config's ``global.body_size_limit``, Prometheus' ``body_size_limit``). A 1,024-GPU
 #: exporter page is ~7 MB, so this leaves room while bounding what a hostile one costs.
 DEFAULT_BODY_SIZE_LIMIT = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ScrapeLimits:
+    """A job's limits on one scrape, as Prometheus' scrape_config has them (PodMonitor:
+    ``sampleLimit``, ``labelLimit``, ``labelNameLengthLimit``, ``labelValueLengthLimit``).
+
+    None: not set on the job, the global one (``global.*``) applies; 0: no limit; N: a scrape
+    past it fails as a whole (``up`` 0). :meth:`over` resolves a job's limits against the
+    global ones. A job's 0 lifts a global limit for that job (Prometheus instead reads a
+    scrape_config's 0 as "the global one", so a job there cannot opt out).
+    """
+
+    #: samples after metric relabeling
+    sample_limit: Optional[int] = None
+    #: labels of one series, ``__name__`` included (Prometheus' ``verifyLabelLimits`` counts it)
+    label_limit: Optional[int] = None
+    #: bytes (UTF-8) of one label name
+    label_name_length_limit: Optional[int] = None
+    #: bytes (UTF-8) of one label value (``__name__``'s value, the metric name, included)
+    label_value_length_limit: Optional[int] = None
+
+    #: the limit names, as the native config spells them
+    KEYS: ClassVar[Tuple[str, ...]] = ("sample_limit", "label_limit", "label_name_length_limit",
+                                       "label_value_length_limit")
+
+    def over(self, base: "ScrapeLimits") -> "ScrapeLimits":
+        """These limits where set, ``base``'s elsewhere (a job's over the global ones)."""
+        return ScrapeLimits(*(b if s is None else s for s, b in zip(self.as_tuple(), base.as_tuple())))
+
+    def as_tuple(self) -> Tuple[Optional[int], Optional[int], Optional[int], Optional[int]]:
+        return (self.sample_limit, self.label_limit, self.label_name_length_limit, self.label_value_length_limit)
+
+    def set_items(self) -> Dict[str, int]:
+        """The limits that are set (not None), by config key."""
+        return {k: v for k, v in zip(self.KEYS, self.as_tuple()) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -65,6 +103,8 @@ class Target:
     metric_relabel: Sequence[Mapping[str, object]] = ()
     #: Name of the config target (job) this endpoint came from.
     job: str = ""
+    #: The job's own scrape limits (None where the global ones apply).
+    limits: ScrapeLimits = ScrapeLimits()
 
     @property
     def key(self) -> str:
@@ -239,7 +279,8 @@ def target_from_labels(labels: Mapping[str, str], *, name: str, job: str = "", s
                        interval_s: float = 15.0, timeout_s: float = 10.0,
                        params: Optional[Mapping[str, Sequence[str]]] = None,
                        auth: Optional[Mapping[str, object]] = None, tls: Optional[Mapping[str, object]] = None,
-                       metric_relabel: Sequence[Mapping[str, object]] = ()) -> Optional[Target]:
+                       metric_relabel: Sequence[Mapping[str, object]] = (),
+                       limits: Optional[ScrapeLimits] = None) -> Optional[Target]:
     """The :class:`Target` a relabeled target label set means (Prometheus' ``PopulateLabels``),
     or None when it has no ``__address__`` (no target, as when a rule drops the set).
 
@@ -264,7 +305,8 @@ def target_from_labels(labels: Mapping[str, str], *, name: str, job: str = "", s
     An unusable address, scheme, interval or timeout, or a timeout longer than the interval,
     raises :class:`TargetLabelError` naming the target by ``name`` (Prometheus drops such a
     target with an error).
-    ``params``, ``auth``, ``tls`` and ``metric_relabel`` go into the target as they are.
+    ``params``, ``auth``, ``tls``, ``metric_relabel`` and ``limits`` (the job's
+    :class:`ScrapeLimits`) go into the target as they are.
     """
     present = {k: v for k, v in labels.items() if v != ""}
     address = present.get("__address__")
@@ -306,4 +348,5 @@ def target_from_labels(labels: Mapping[str, str], *, name: str, job: str = "", s
         tls=dict(tls or {}),
         metric_relabel=tuple(metric_relabel),
         job=final.get("job", job),
+        limits=limits if limits is not None else ScrapeLimits(),
     )

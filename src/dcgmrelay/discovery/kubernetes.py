@@ -62,7 +62,10 @@ Target rules (prometheus-operator ``generatePodMonitorConfig`` + Prometheus
   ``node`` of an unscheduled pod;
 * ``relabelConfigs`` then choose and rewrite the targets as Prometheus' target
   relabeling does, with kubernetes_sd's pod meta labels (:func:`pod_targets`);
-  each target carries its endpoint's auth, TLS and ``metricRelabelConfigs``.
+  each target carries its endpoint's auth, TLS and ``metricRelabelConfigs``, and the
+  monitor's ``sampleLimit``, ``labelLimit``, ``labelNameLengthLimit`` and
+  ``labelValueLengthLimit`` (spec-level, as in prometheus-operator; unset: the relay's
+  global ones).
 
 Credentials: :class:`KubeCredentials` -- in-cluster (service-account token,
 re-read whenever the file changes, since bound tokens rotate; the cluster CA) or
@@ -106,7 +109,7 @@ from urllib.parse import quote
 import httpx
 
 from ..relabel import compile_rules
-from ..targets import Target, TargetLabelError, scrape_labels, target_from_labels
+from ..targets import ScrapeLimits, Target, TargetLabelError, scrape_labels, target_from_labels
 from ..targets import parse_duration as _parse_duration
 
 __all__ = [
@@ -426,10 +429,16 @@ class PodMonitor:
     #: ``relabelConfigs``: Prometheus target relabeling of every discovered target (see
     #: :func:`pod_targets` for the labels that go in).
     relabel_configs: List[Mapping[str, Any]] = field(default_factory=list)
+    #: ``sampleLimit``, ``labelLimit``, ``labelNameLengthLimit``, ``labelValueLengthLimit``:
+    #: carried by every target of the monitor (None where unset: the relay's global limits).
+    limits: ScrapeLimits = field(default_factory=ScrapeLimits)
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("PodMonitor needs a name")
+        for fname, n in zip(_LIMIT_FIELDS, self.limits.as_tuple()):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+                raise ValueError(f"PodMonitor {self.name}: {fname} must be an integer >= 0, not {n!r}")
         self.rules = (compile_rules(list(self.relabel_configs), path=f"{self.name}.relabel_configs")
                       if self.relabel_configs else None)
         if isinstance(self.namespace_selector, Mapping):
@@ -470,6 +479,7 @@ class PodMonitor:
                        for e in eps],
             job_label=spec.get("jobLabel") or spec.get("job_label") or None,
             relabel_configs=list(spec.get("relabelConfigs", spec.get("relabel_configs")) or []),
+            limits=ScrapeLimits(*(spec.get(f, spec.get(k)) for f, k in zip(_LIMIT_FIELDS, ScrapeLimits.KEYS))),
         )
 
     def namespaces(self) -> List[Optional[str]]:
@@ -479,6 +489,10 @@ class PodMonitor:
         if self.namespace_selector.match_names:
             return list(self.namespace_selector.match_names)
         return [self.namespace]
+
+
+#: the PodMonitor spec fields of :class:`ScrapeLimits`, in its order
+_LIMIT_FIELDS = ("sampleLimit", "labelLimit", "labelNameLengthLimit", "labelValueLengthLimit")
 
 
 def monitors_from_targets(targets: Iterable[Mapping[str, Any]], *, namespace: str = "default",
@@ -550,7 +564,8 @@ def pod_targets(pod: Mapping[str, Any], monitor: PodMonitor, *, default_interval
     business, as for static targets: labels with an empty value are left out, ``instance``
     defaults to ``__address__``, ``__*`` labels go, and a set whose address, scheme, interval or
     timeout cannot be used gives no target and a logged warning.
-    Each target carries its endpoint's ``auth``, ``tls`` and ``metricRelabelConfigs``.
+    Each target carries its endpoint's ``auth``, ``tls`` and ``metricRelabelConfigs``, and
+    the monitor's limits.
 
     ``check_selector`` re-checks the monitor's label selector client-side (the
     server already filtered; this is a guard and makes the function usable alone).
@@ -618,7 +633,8 @@ def pod_targets(pod: Mapping[str, Any], monitor: PodMonitor, *, default_interval
                 try:
                     t = target_from_labels(lb, name=f"{where} port {number}", job=job, scheme=ep.scheme,
                                            interval_s=interval, timeout_s=timeout, params=ep.params,
-                                           auth=ep.auth, tls=ep.tls, metric_relabel=ep.metric_relabel_configs)
+                                           auth=ep.auth, tls=ep.tls, metric_relabel=ep.metric_relabel_configs,
+                                           limits=monitor.limits)
                 except TargetLabelError as exc:
                     log.warning("%s; it is not scraped", exc)
                     continue
