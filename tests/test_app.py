@@ -493,8 +493,8 @@ def test_a_jobs_limits_win_over_the_global_ones(caplog):
 
 def test_a_reload_that_changes_only_a_jobs_limit_applies_it():
     """SIGHUP with a target whose URL and labels stay the same but whose label_limit is new:
-    the scrape loop keeps running (the same target to the scraper), and the new limit
-    applies from the next scrape on."""
+    the scraper restarts its loop with the changed target, and the new limit applies from
+    the next scrape on."""
     node = SimulatedNode(2, seed=5)
 
     async def main():
@@ -526,6 +526,53 @@ def test_a_reload_that_changes_only_a_jobs_limit_applies_it():
     before = {v for ts, v in ups if ts < reloaded_ms - 350}
     after = {v for ts, v in ups if ts > reloaded_ms + 50}
     assert before == {1.0} and after == {0.0}, ups
+
+
+def test_changed_metric_relabeling_applies_from_the_next_scrape():
+    """A reload that changes only an endpoint's metric_relabel_configs takes effect, and so
+    does a target source handing over the same target with other rules (an edited PodMonitor)."""
+    node = SimulatedNode(2, seed=5)
+
+    async def main():
+        async with ExporterServer(node) as ex:
+            rx = CompactReceiver().start()
+            try:
+                text = textwrap.dedent(f"""
+                    global: {{interval: 300ms, timeout: 300ms}}
+                    targets: [{{name: dcgm, endpoints: [{{url: "{ex.url}"RULES}}]}}]
+                    outputs: [{{type: compact, url: "{rx.compact_url}"}}]
+                    listen: 127.0.0.1:0
+                    """)
+                keep = ', metric_relabel_configs: [{{source_labels: [gpu], regex: "{}|", action: keep}}]'
+                configs = iter([C.load_config(text.replace("RULES", keep.format(0)))])
+                app = RelayApp(C.load_config(text.replace("RULES", "")), loader=lambda: next(configs))
+                task = asyncio.create_task(app.run(install_signals=False))
+                marks = []
+                await asyncio.sleep(1.0)
+                assert await app.reload()
+                marks.append(time.time() * 1000)
+                await asyncio.sleep(1.0)
+                edited = C.static_targets(C.load_config(text.replace("RULES", keep.format(1))), {})
+                app._source_targets = {0: edited}
+                await app._apply_targets()
+                marks.append(time.time() * 1000)
+                await asyncio.sleep(1.0)
+                app.stop()
+                await task
+                rx.flush()
+                return rx.received_samples(), marks
+            finally:
+                rx.stop()
+
+    samples, (reloaded, edited) = asyncio.run(main())
+    gpus = [(ts, dict(labels).get("gpu")) for _t, name, labels, _v, ts in samples if name.startswith("DCGM_")]
+
+    def seen(lo, hi):
+        return {g for ts, g in gpus if lo < ts < hi}
+
+    assert seen(0, reloaded - 350) == {"0", "1"}
+    assert seen(reloaded + 350, edited - 350) == {"0"}
+    assert seen(edited + 350, float("inf")) == {"1"}
 
 
 # -- label limits, unit: what counts ---------------------------------------------------------------

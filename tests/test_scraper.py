@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import os
 import zlib
@@ -129,6 +130,33 @@ def test_target_updates_start_and_stop_loops():
 
     seen, a, b = asyncio.run(main())
     assert seen and set(seen) == {b}
+
+
+def test_a_target_changed_in_anything_a_scrape_uses_is_restarted():
+    """Same URL and labels, another timeout / relabeling / credentials / limit: the loop is
+    restarted with the new target (a reload must take effect); an equal target is left running."""
+    from dcgmrelay.targets import ScrapeLimits
+
+    async def main():
+        async def on_result(r):
+            pass
+
+        async with ExporterServer(SimulatedNode(1, seed=1)) as a:
+            base = Target(a.url, labels={"job": "j"}, interval_s=0.5, timeout_s=0.4)
+            sc = Scraper(on_result)
+            assert sc.update([base]) == (1, 0)
+            results = [sc.update([Target(a.url, labels={"job": "j"}, interval_s=0.5, timeout_s=0.4)])]
+            for changed in (dict(timeout_s=0.3), dict(metric_relabel=({"action": "labeldrop", "regex": "x"},)),
+                            dict(auth={"bearer_token": "t"}), dict(tls={"insecure_skip_verify": True}),
+                            dict(limits=ScrapeLimits(sample_limit=5)), dict(job="other")):
+                results.append(sc.update([dataclasses.replace(base, **changed)]))
+                assert sc.targets[0] == base and sc.update([sc.targets[0]]) == (0, 0)
+                base = sc.targets[0]
+            await sc.aclose()
+            return results
+
+    results = asyncio.run(main())
+    assert results == [(0, 0)] + [(1, 1)] * 6
 
 
 def test_openmetrics_content_type_and_gzip_are_handled():

@@ -33,11 +33,9 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.metrics_core import Metric
 
 from . import config as _config
 from . import fields
@@ -195,11 +193,8 @@ class RelayApp:
         self._sources: List[TargetSource] = []
         self._source_targets: Dict[int, List[Target]] = {}
         self._source_tasks: List[asyncio.Task[None]] = []
-        self._relabel: Dict[str, RelabelRules] = {}
-        # the targets of the latest update by key: the limits are read here, not from the
-        # target a running scrape loop holds (the scraper keeps that one while the key and
-        # labels stay the same, so a reload that only changes a limit would not reach it)
-        self._targets: Dict[str, Target] = {}
+        # per target: its metric_relabel_configs and their compiled rules
+        self._relabel: Dict[str, Tuple[Any, RelabelRules]] = {}
         self._limit_memo: Dict[str, Dict[str, Any]] = {}  # per target: _label_limit_problem's
         self._down: set[str] = set()
         self._logged_errors: Dict[str, str] = {}
@@ -220,18 +215,13 @@ class RelayApp:
         #: samples of scrapes failed by a label limit (label_limit, label_name_length_limit,
         #: label_value_length_limit: dcgmrelay_samples_dropped{reason="label_limit"})
         self.label_limit_dropped = 0
-        self.metrics.add_source("relay", self._relay_families)
+        self.metrics.add_source("relay", lambda: relay_families(
+            {**self.relay.stats.as_dict(), "dropped_sample_limit": self.sample_limit_dropped,
+             "dropped_label_limit": self.label_limit_dropped}, self.relay.series_count()))
         self.metrics.add_source("outputs", lambda: output_families(
             {n: {**s.output.stats.as_dict(), "dropped_samples": s.dropped_samples()} for n, s in self.outputs.items()}))
         self.metrics.add_source("spools", lambda: spool_families(
             {n: self._spool_stats(s.spool) for n, s in self.outputs.items() if s.spool is not None}))
-
-    def _relay_families(self) -> Iterator[Metric]:
-        for fam in relay_families({**self.relay.stats.as_dict(), "dropped_sample_limit": self.sample_limit_dropped},
-                                  self.relay.series_count()):
-            if isinstance(fam, CounterMetricFamily) and fam.name == "dcgmrelay_samples_dropped":
-                fam.add_metric(["label_limit"], self.label_limit_dropped)
-            yield fam
 
     # -- public ----------------------------------------------------------------------------------
     @property
@@ -373,7 +363,6 @@ class RelayApp:
             i, n = self.cfg.shard
             all_targets = shard_targets(all_targets, i, n)
         before = {t.key for t in self.scraper.targets}
-        self._targets = {t.key: t for t in all_targets}  # as the scraper's: the last of a key wins
         started, stopped = self.scraper.update(all_targets)
         now_ms = int(time.time() * 1000)
         for key in before - {t.key for t in all_targets}:  # gone: end its series now
@@ -399,11 +388,13 @@ class RelayApp:
     def _rules(self, target: Target) -> Optional[RelabelRules]:
         if not target.metric_relabel:
             return None
-        rules = self._relabel.get(target.key)
-        if rules is None:
-            rules = self._relabel[target.key] = compile_rules(list(target.metric_relabel),
-                                                              path=f"{target.job}.metric_relabel_configs")
-        return rules
+        spec = target.metric_relabel
+        cached = self._relabel.get(target.key)
+        # recompiled when the target's rules change (a reload, an edited PodMonitor)
+        if cached is None or (cached[0] is not spec and cached[0] != spec):
+            cached = self._relabel[target.key] = (spec, compile_rules(
+                list(spec), path=f"{target.job}.metric_relabel_configs"))
+        return cached[1]
 
     async def _on_result(self, r: ScrapeResult) -> None:
         key = r.target.key
@@ -433,7 +424,7 @@ class RelayApp:
                 scrape = scrape.relabeled(rules)
             post = len(scrape)
             # the job's limits where it sets them, else the global ones (0: none)
-            limits = self._targets.get(key, r.target).limits.over(self.cfg.global_limits)
+            limits = r.target.limits.over(self.cfg.global_limits)
             limit = limits.sample_limit
             if limit and post > limit:  # Prometheus' sample_limit: the whole scrape fails
                 up, scrape = False, None

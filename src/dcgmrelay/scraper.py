@@ -118,8 +118,7 @@ class Scraper:
         wanted = {t.key: t for t in targets}
         stopped = 0
         for key in list(self._tasks):
-            if key not in wanted or wanted[key] != self._targets[key] \
-                    or wanted[key].interval_s != self._targets[key].interval_s:
+            if key not in wanted or not wanted[key].same_scrape(self._targets[key]):
                 self._tasks.pop(key).cancel()
                 self._targets.pop(key)
                 self._requests.pop(key, None)

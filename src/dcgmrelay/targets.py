@@ -120,6 +120,15 @@ class Target:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Target) and (self.key, dict(self.labels)) == (other.key, dict(other.labels))
 
+    def same_scrape(self, other: "Target") -> bool:
+        """Everything a scrape of it uses is the same (``==`` compares identity and labels
+        only): a reload that changes a timeout, credentials, TLS, metric relabeling or a
+        limit gives the scraper a changed target, whose loop it restarts."""
+        return (self == other and self.interval_s == other.interval_s and self.timeout_s == other.timeout_s
+                and dict(self.params) == dict(other.params) and dict(self.auth) == dict(other.auth)
+                and dict(self.tls) == dict(other.tls) and self.job == other.job and self.limits == other.limits
+                and [dict(r) for r in self.metric_relabel] == [dict(r) for r in other.metric_relabel])
+
 
 @runtime_checkable
 class TargetSource(Protocol):
