@@ -133,7 +133,7 @@ def relay_families(stats: Mapping[str, int], series: int) -> Iterator[Metric]:
     yield samples
     dropped = CounterMetricFamily("dcgmrelay_samples_dropped", "Samples not relayed, by reason.",
                                   labels=["reason"])
-    for reason in ("not_in_spec", "non_dcgm", "first_observation", "sample_limit"):
+    for reason in ("not_in_spec", "non_dcgm", "first_observation", "sample_limit", "label_limit"):
         dropped.add_metric([reason], stats.get(f"dropped_{reason}", 0))
     dropped.add_metric(["label_field"], stats.get("label_samples", 0))
     yield dropped
