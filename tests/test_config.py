@@ -1155,6 +1155,7 @@ def test_env_var_list():
         "DCGMRELAY_BODY_SIZE_LIMIT": "--body-size-limit", "DCGMRELAY_SAMPLE_LIMIT": "--sample-limit",
         "DCGMRELAY_LABEL_LIMIT": "--label-limit", "DCGMRELAY_LABEL_NAME_LENGTH_LIMIT": "--label-name-length-limit",
         "DCGMRELAY_LABEL_VALUE_LENGTH_LIMIT": "--label-value-length-limit",
+        "DCGMRELAY_EXTERNAL_LABELS": "--external-label",
         "DCGMRELAY_CSV": "--csv",
         "DCGMRELAY_LISTEN": "--listen", "DCGMRELAY_SPOOL_DIR": "--spool-dir",
         "DCGMRELAY_SPOOL_MAX_BYTES": "--spool-max-bytes", "DCGMRELAY_SPOOL_FSYNC": "--spool-fsync",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import numpy as np
@@ -167,6 +168,26 @@ def test_relabeled_batches_encode_to_what_they_hold() -> None:
         assert all(e.model_name is None for e in d.entities)
 
 
+def test_external_labels_are_added_where_absent_and_before_the_output_rules() -> None:
+    from dcgmrelay.write_relabel import external_label_rules
+
+    node = SimulatedNode(2, seed=6, pods="some")
+    relay = Relay(SPEC)
+    b = feed(node, relay, 0)
+    assert any("namespace" in dict(ls) for ls in b.labelsets)
+    rules = external_label_rules({"cluster": "gpu-$1", "namespace": "fallback"}) + [
+        {"source_labels": ["cluster", "__name__"], "regex": f"gpu-.*;{TEMP}", "action": "keep"}]
+    got = rows(WriteRelabeler(compile_rules(rules, path="t")).apply(b))
+    assert got and {n for n, *_ in got} == {TEMP}  # the output's rules see the external labels
+    own = {dict(lab)["namespace"] for n, lab, _, _ in rows(b) if n == TEMP and "namespace" in dict(lab)}
+    assert own and own != {"fallback"}
+    for _, lab, _, _ in got:
+        d = dict(lab)
+        assert d["cluster"] == "gpu-$1"  # literal: no group reference
+        assert d["namespace"] in own | {"fallback"}  # a series' own label wins
+    assert {dict(lab)["namespace"] for _, lab, _, _ in got} == own | {"fallback"}
+
+
 # -- config ----------------------------------------------------------------------------------------
 def test_config_reads_write_relabel_configs_and_prints_them_back() -> None:
     cfg = C.load_config(textwrap.dedent("""
@@ -265,3 +286,67 @@ def test_each_output_gets_what_its_rules_let_through(victoria_metrics_server, pr
             if ln.startswith('dcgmrelay_output_samples_dropped_total{output="subset",reason="write_relabel"}')]
     assert line and float(line[0].split()[-1]) > 0
     assert 'dcgmrelay_output_samples_dropped_total{output="all",reason="write_relabel"} 0.0' in metrics
+
+
+# -- global.external_labels -----------------------------------------------------------------------
+def test_external_labels_from_file_flags_and_environment() -> None:
+    text = textwrap.dedent("""
+        global: {external_labels: {cluster: gpu-a, region: eu}}
+        targets: [{name: t, endpoints: [{url: "http://127.0.0.1:9400/metrics"}]}]
+        outputs: [{type: remote-write, url: "http://127.0.0.1:9090/api/v1/write"}]
+    """)
+    cfg = C.load_config(text)
+    assert cfg.global_external_labels == {"cluster": "gpu-a", "region": "eu"}
+    assert C.load_config(C.effective_config_text(cfg)).global_external_labels == cfg.global_external_labels
+    base = {"target": ["127.0.0.1:9400"], "remote_write": ["http://127.0.0.1:9090/api/v1/write"]}
+    flags = C.config_from_args({**base, "external_label": ["cluster=b", "note=x=y"]},
+                               env={"DCGMRELAY_EXTERNAL_LABELS": "cluster=env"})
+    assert flags.global_external_labels == {"cluster": "b", "note": "x=y"}  # the flag wins
+    env = C.config_from_args(base, env={"DCGMRELAY_EXTERNAL_LABELS": "cluster=env, rack=r1"})
+    assert env.global_external_labels == {"cluster": "env", "rack": "r1"}
+    for bad, why in (("cluster", "expected NAME=VALUE"), ("__x=1", "reserved"), ("c=", "needs a value"),
+                     ("1c=2", "invalid label name")):
+        with pytest.raises(C.ConfigError, match=why) as e:
+            C.config_from_args({**base, "external_label": [bad]}, env={})
+        assert "--external-label" in str(e.value)
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(text.replace("region: eu", "__region: eu"))
+    assert "global.external_labels.__region" in str(e.value) and "<text>:2:" in str(e.value)
+
+
+def test_external_labels_reach_the_collector_where_a_series_lacks_them(victoria_metrics_server, tmp_path) -> None:
+    async def main() -> Tuple[str, str, RelayApp]:
+        async with ExporterServer(SimulatedNode(2, seed=21)) as a, ExporterServer(SimulatedNode(2, seed=22)) as b:
+            text = textwrap.dedent(f"""
+                global: {{interval: 500ms, timeout: 500ms, external_labels: {{cluster: EXT, site: s1}}}}
+                targets:
+                  - name: dcgm-exporter
+                    endpoints: [{{url: "{a.url}"}}, {{url: "{b.url}", labels: {{cluster: own}}}}]
+                outputs: [{{name: vm, type: remote-write, url: {victoria_metrics_server.remote_write_url}}}]
+                listen: 127.0.0.1:0
+            """)
+            configs = iter([C.load_config(text.replace("EXT", "gpu-b"))])
+            app = RelayApp(C.load_config(text.replace("EXT", "gpu-a")), loader=lambda: next(configs))
+            task = asyncio.create_task(app.run(install_signals=False))
+            await asyncio.sleep(1.6)
+            first = app.outputs["vm"]
+            assert await app.reload()  # external labels changed: the output is rebuilt with them
+            assert app.outputs["vm"] is not first and app.outputs["vm"].external_labels["cluster"] == "gpu-b"
+            await asyncio.sleep(1.2)
+            app.stop()
+            await task
+            return a.url.split("/")[2], b.url.split("/")[2], app
+
+    ia, ib, app = asyncio.run(main())
+    for inst, clusters in ((ia, {"gpu-a", "gpu-b"}), (ib, {"own"})):  # gpu-b: after the reload
+        deadline = time.monotonic() + 10
+        while True:  # VictoriaMetrics may take a moment to make series it just indexed searchable
+            rows = victoria_metrics_server.query(f'{{instance="{inst}"}}')
+            got = {row["metric"].get("cluster") for row in rows}
+            if got == clusters or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        assert len(rows) > 10
+        assert got == clusters
+        # up and the scrape_* series too
+        assert all(row["metric"].get("site") == "s1" for row in rows), rows

@@ -52,7 +52,7 @@ from .selfmetrics import SelfMetrics, output_families, relay_families, spool_fam
 from .spool import Spool
 from .targets import ScrapeLimits, StaticTargets, Target, TargetSource, shard_targets
 from .transport import Output, RetryPolicy, WriteAheadQueue, build_client_kwargs, spool_hook_for
-from .write_relabel import WriteRelabeler
+from .write_relabel import WriteRelabeler, external_label_rules
 
 __all__ = ["RelayApp", "configure_logging", "output_format"]
 
@@ -112,7 +112,8 @@ def _tls_map(tls: Any) -> Dict[str, Any]:
 class _OutputSlot:
     """An output with its spool and the config it was built from (to rebuild on reload)."""
 
-    def __init__(self, oc: "_config.OutputConfig", spool_cfg: "_config.SpoolConfig") -> None:
+    def __init__(self, oc: "_config.OutputConfig", spool_cfg: "_config.SpoolConfig",
+                 external_labels: Optional[Mapping[str, str]] = None) -> None:
         self.config = oc
         self.spool: Optional[Spool] = None
         if spool_cfg.dir:
@@ -139,10 +140,12 @@ class _OutputSlot:
         self.wal: Optional[WriteAheadQueue] = None
         if self.spool is not None and fmt in WriteAheadQueue.FORMATS:
             self.wal = WriteAheadQueue(self.output, self.spool)
+        # global.external_labels, then the output's write_relabel_configs (Prometheus' order)
+        self.external_labels = dict(external_labels or {})
         self.relabel: Optional[WriteRelabeler] = None
-        if oc.write_relabel_configs:
-            self.relabel = WriteRelabeler(compile_rules(list(oc.write_relabel_configs),
-                                                        path=f"outputs.{oc.name}.write_relabel_configs"),
+        rules = external_label_rules(self.external_labels) + list(oc.write_relabel_configs)
+        if rules:
+            self.relabel = WriteRelabeler(compile_rules(rules, path=f"outputs.{oc.name}.write_relabel_configs"),
                                           output=oc.name)
 
     async def submit(self, batch: RelayBatch) -> None:
@@ -187,7 +190,8 @@ class RelayApp:
                            first_observation=opts.first_observation, output=opts.output,  # type: ignore[arg-type]
                            evict_after_ms=int(opts.evict_after * 1000), kind_overrides=dict(opts.kind_overrides),
                            save_every_s=30.0, passthrough_names=HEALTH_SERIES)
-        self.outputs: Dict[str, _OutputSlot] = {oc.name: _OutputSlot(oc, cfg.spool) for oc in cfg.outputs}
+        self.outputs: Dict[str, _OutputSlot] = {oc.name: _OutputSlot(oc, cfg.spool, cfg.global_external_labels)
+                                                 for oc in cfg.outputs}
         self.scraper = Scraper(self._on_result, client_factory=self._scrape_client,
                                body_limit_bytes=cfg.global_body_size_limit)
         self._sources: List[TargetSource] = []
@@ -286,13 +290,14 @@ class RelayApp:
         self.spec = spec
         wanted = {oc.name: oc for oc in cfg.outputs}
         for name in list(self.outputs):
-            if name not in wanted or wanted[name] != self.outputs[name].config or cfg.spool != self.cfg.spool:
+            if (name not in wanted or wanted[name] != self.outputs[name].config or cfg.spool != self.cfg.spool
+                    or dict(cfg.global_external_labels) != self.outputs[name].external_labels):
                 await self.outputs.pop(name).aclose(self.shutdown_timeout_s)
         not_started = []
         for name, oc in wanted.items():
             if name not in self.outputs:
                 try:  # an output that cannot start (spool dir, TLS files) must not stop the reload
-                    self.outputs[name] = _OutputSlot(oc, cfg.spool)
+                    self.outputs[name] = _OutputSlot(oc, cfg.spool, cfg.global_external_labels)
                 except Exception as e:
                     not_started.append(name)
                     logger.error("config reload: output %s not started (the next reload tries again): %s", name, e)

@@ -15,6 +15,7 @@ Native schema (every key optional unless marked; durations are Prometheus string
       timeout: 10s                   # default scrape timeout (min(timeout, interval)); must be <= interval
       body_size_limit: 64MiB         # a target's body (after decompression) past this fails the scrape
       sample_limit: 0                # a scrape with more samples (after metric relabeling) fails; 0 = none
+      external_labels: {cluster: gpu-a}   # added to every shipped series that lacks the label
       label_limit: 0                 # ... with a series of more labels (__name__ counted); 0 = none
       label_name_length_limit: 0     # ... with a label name longer than this (bytes); 0 = none
       label_value_length_limit: 0    # ... with a label value longer than this (bytes); 0 = none
@@ -820,6 +821,14 @@ def _check_namespace(s: str) -> Optional[str]:
     return f"invalid namespace {s!r}: lower-case alphanumerics and '-', at most 63 characters"
 
 
+def _check_external_label_name(s: str) -> Optional[str]:
+    if not _LABEL_NAME_RE.match(s):
+        return f"invalid label name {s!r}: [a-zA-Z_][a-zA-Z0-9_]*"
+    if s.startswith("__"):
+        return f"label names starting with '__' are reserved: {s!r}"
+    return None
+
+
 def _check_label_name(s: str) -> Optional[str]:
     # "__" labels are allowed, as in Prometheus' static_configs: they feed relabeling and are removed after it.
     if _LABEL_NAME_RE.match(s):
@@ -1101,6 +1110,9 @@ class RelayConfig:
     global_label_limit: int = 0
     global_label_name_length_limit: int = 0
     global_label_value_length_limit: int = 0
+    #: Prometheus' ``external_labels``: added to every series an output ships that does not
+    #: have the label already, before the output's ``write_relabel_configs``.
+    global_external_labels: Mapping[str, str] = field(default_factory=dict)
     whatap: Optional[WhatapConfig] = None
     source: Optional[str] = field(default=None, compare=False)
     origin: str = field(default="native", compare=False)
@@ -1126,7 +1138,7 @@ class RelayConfig:
 
 # ------------------------------------------------------------------------------------ native schema
 
-_GLOBAL_KEYS = ("interval", "timeout", "body_size_limit") + ScrapeLimits.KEYS
+_GLOBAL_KEYS = ("interval", "timeout", "body_size_limit", "external_labels") + ScrapeLimits.KEYS
 _TOP_KEYS = ("global", "targets", "outputs", "csv", "relay", "spool", "listen", "logging", "shard",
              "kubernetes", "whatap")
 _TARGET_KEYS = ("name", "type", "enabled", "endpoints", "relabel_configs", "namespace", "namespace_selector",
@@ -1172,7 +1184,12 @@ class _Native:
         g = v.mapping(top.raw("global"), top.p("global"), top.m("global"), _GLOBAL_KEYS)
         gi, gt, gb = 15.0, None, DEFAULT_BODY_SIZE_LIMIT
         glimits = {k: 0 for k in ScrapeLimits.KEYS}
+        ext: Any = {}
         if g is not None:
+            ext = g.get("external_labels", _p_str_map, {}, check_key=_check_external_label_name,
+                        check_value=lambda x: "an external label needs a value" if x == "" else None)
+            if ext is _BAD:
+                ext = {}
             for k in ScrapeLimits.KEYS:
                 n = g.get(k, _p_int, 0, lo=0)
                 glimits[k] = 0 if n is _BAD else n
@@ -1191,6 +1208,7 @@ class _Native:
             gt = min(10.0, gi)
         out["global_interval"], out["global_timeout"] = gi, gt
         out["global_body_size_limit"] = gb
+        out["global_external_labels"] = ext
         for k, n in glimits.items():
             out[f"global_{k}"] = n
 
@@ -2208,7 +2226,8 @@ def config_to_dict(cfg: RelayConfig, *, reveal_secrets: bool = False) -> Dict[st
     out: Dict[str, Any] = {
         "global": {"interval": format_duration(cfg.global_interval), "timeout": format_duration(cfg.global_timeout),
                    "body_size_limit": _format_size(cfg.global_body_size_limit),
-                   **cfg.global_limits.set_items()},
+                   **cfg.global_limits.set_items(),
+                   **({"external_labels": dict(cfg.global_external_labels)} if cfg.global_external_labels else {})},
         "targets": targets,
         "outputs": outputs,
         "csv": cfg.csv,
@@ -2302,7 +2321,7 @@ class _Setting(NamedTuple):
     dest: str
     flag: Optional[str]
     env: str
-    kind: str  # str | path | csv | urls | duration | size | int12 | count | bool | enum:<a,b> | headers | secret | shard
+    kind: str  # str | path | csv | urls | duration | size | int12 | count | bool | enum:<a,b> | headers | labels | secret | shard
     help: str
     metavar: Optional[str] = None
 
@@ -2332,6 +2351,9 @@ _SETTINGS: Tuple[_Setting, ...] = (
              "a scrape with a label name longer than this (bytes) fails (default 0: no limit)", "N"),
     _Setting("label_value_length_limit", "--label-value-length-limit", "DCGMRELAY_LABEL_VALUE_LENGTH_LIMIT",
              "count", "a scrape with a label value longer than this (bytes) fails (default 0: no limit)", "N"),
+    _Setting("external_label", "--external-label", "DCGMRELAY_EXTERNAL_LABELS", "labels",
+             "add NAME=VALUE to every series a collector gets that lacks NAME (repeatable; env: "
+             "comma-separated); replaces the file's external_labels", "NAME=VALUE"),
     _Setting("csv", "--csv", "DCGMRELAY_CSV", "csv", "collectors CSV file or built-in profile "
              "(default, dcp, whatap, 1.x)", "CSV|PROFILE"),
     _Setting("listen", "--listen", "DCGMRELAY_LISTEN", "str", "address of /metrics and /healthz "
@@ -2406,7 +2428,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, kube: bool = True) -> 
         helptext = f"{s.help} [env {s.env}]"
         if s.kind == "bool":
             g.add_argument(s.flag, dest=s.dest, action="store_true", default=None, help=helptext)
-        elif s.kind in ("urls", "headers"):
+        elif s.kind in ("urls", "headers", "labels"):
             g.add_argument(s.flag, dest=s.dest, action="append", default=None, metavar=s.metavar, help=helptext)
         elif s.kind.startswith("enum:"):
             g.add_argument(s.flag, dest=s.dest, default=None, choices=s.kind[5:].split(","), help=helptext)
@@ -2433,6 +2455,8 @@ def _split_env(kind: str, raw: str) -> Any:
         return [u for u in re.split(r"[,\s]+", raw) if u]
     if kind == "headers":
         return [h for h in raw.splitlines() if h.strip()]
+    if kind == "labels":
+        return [x for x in raw.split(",") if x.strip()]
     return raw
 
 
@@ -2523,6 +2547,17 @@ def overrides_from_args(args: Any, env: Optional[Mapping[str, str]] = None,
                     continue
                 out_h[name] = value.strip()
             return out_h
+        if k == "labels":
+            out_l: Dict[str, str] = {}
+            for item in (x if isinstance(x, (list, tuple)) else [x]):
+                name, sep, value = str(item).partition("=")
+                name, value = name.strip(), value.strip()
+                problem = _check_external_label_name(name) if sep else "expected NAME=VALUE"
+                if problem or not value:
+                    v.err(where, f"{item!r}: {problem or 'an external label needs a value'}")
+                    continue
+                out_l[name] = value
+            return out_l
         if k == "shard":
             return _Native(v, None).shard(x, where, None)
         s_ = _p_str(v, x, where, None, empty=(dest == "listen"))
@@ -2543,6 +2578,7 @@ def overrides_from_args(args: Any, env: Optional[Mapping[str, str]] = None,
     put("global", "body_size_limit", p.get("body_size_limit"))
     for k in ScrapeLimits.KEYS:
         put("global", k, p.get(k))
+    put("global", "external_labels", p.get("external_label"))
     if p.get("csv") is not None:
         o["csv"] = p["csv"]
     if p.get("listen") is not None:

@@ -19,7 +19,7 @@ encoders' per-table caches hitting. A target whose tables change starts a fresh 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +29,7 @@ from .relabel import RelabelRules
 from .relay import LabelSet, RelayBatch
 from .scrape import Entity, _entity_of
 
-__all__ = ["WriteRelabeler"]
+__all__ = ["WriteRelabeler", "external_label_rules"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +201,15 @@ class WriteRelabeler:
     def _forget_old(self, now_ms: int) -> None:
         for key in [k for k, s in self._targets.items() if now_ms - s.last_ms > _FORGET_AFTER_MS]:
             del self._targets[key]
+
+
+def external_label_rules(labels: Mapping[str, str]) -> List[Dict[str, Any]]:
+    """Prometheus' ``external_labels`` as relabel rules: each label is set on a series that
+    does not have it (a series' own label wins), before the output's ``write_relabel_configs``
+    -- Prometheus' order, so those rules can still drop or rewrite them."""
+    return [{"source_labels": [name], "regex": "", "target_label": name,
+             "replacement": value.replace("$", "$$"), "action": "replace"}  # a literal value
+            for name, value in labels.items()]
 
 
 def _keys(nid: np.ndarray, lid: np.ndarray) -> np.ndarray:
