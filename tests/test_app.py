@@ -225,6 +225,52 @@ def test_a_reload_that_cannot_build_its_targets_keeps_the_running_ones(tmp_path,
         rx.stop()
 
 
+def test_an_output_a_reload_could_not_start_starts_once_it_can(tmp_path, monkeypatch, caplog):
+    """A reload adds an output whose spool directory is blocked (a file in the way): the reload
+    counts as failed, the other output runs on, and the new one starts by itself (no second
+    reload) once the obstacle is gone, then delivers."""
+    import dcgmrelay.app as app_mod
+
+    monkeypatch.setattr(app_mod, "OUTPUT_RETRY_S", 0.2)
+    rx_a, rx_b = CompactReceiver().start(), CompactReceiver().start()
+    node = SimulatedNode(1, seed=3)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+
+    async def main():
+        async with ExporterServer(node) as ex:
+            first = _cfg(target=[ex.url], compact=[rx_a.compact_url])
+            second = C.merge(first, {"outputs": [{"name": "a", "type": "compact", "url": rx_a.compact_url},
+                                                 {"name": "b", "type": "compact", "url": rx_b.compact_url}],
+                                     "spool": {"dir": str(spool)}})
+            (spool / "b").write_text("in the way of output b's spool directory")
+            app = RelayApp(first, loader=lambda: second, env={})
+            task = asyncio.create_task(app.run(install_signals=False))
+            await asyncio.sleep(0.8)
+            ok = await app.reload()
+            await asyncio.sleep(0.8)
+            missing = sorted(app.outputs)
+            (spool / "b").unlink()
+            await asyncio.sleep(1.5)
+            started = sorted(app.outputs)
+            app.stop()
+            await task
+            rx_a.flush()
+            rx_b.flush()
+            return ok, missing, started, app
+
+    try:
+        with caplog.at_level("INFO", logger="dcgmrelay"):
+            ok, missing, started, app = asyncio.run(main())
+        assert ok is False and app.metrics.config_reloads.labels("failed")._value.get() == 1
+        assert missing == ["a"] and started == ["a", "b"]
+        assert rx_a.received_samples() and rx_b.received_samples()
+        assert "output b not started (retried every" in caplog.text and "output b started" in caplog.text
+    finally:
+        rx_a.stop()
+        rx_b.stop()
+
+
 def test_the_app_makes_its_asyncio_objects_on_the_loop_that_runs_it(monkeypatch):
     """`dcgmrelay run` builds the RelayApp before asyncio.run() starts a loop. On Python 3.9 an
     asyncio.Event made then binds another loop, and run() failed at once ("attached to a

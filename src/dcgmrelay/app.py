@@ -213,6 +213,7 @@ class RelayApp:
         self._server: Optional[HttpServer] = None
         self._replay_task: Optional[asyncio.Task[None]] = None
         self._outputs_rebuilt: Optional[asyncio.Event] = None  # the replay loop waits on it while no output spools
+        self._output_retry: Optional[asyncio.Task[None]] = None  # outputs a reload could not start
         self.batches_submitted = 0
         #: samples of scrapes failed by the sample limit (dcgmrelay_samples_dropped{reason="sample_limit"})
         self.sample_limit_dropped = 0
@@ -293,6 +294,7 @@ class RelayApp:
             if (name not in wanted or wanted[name] != self.outputs[name].config or cfg.spool != self.cfg.spool
                     or dict(cfg.global_external_labels) != self.outputs[name].external_labels):
                 await self.outputs.pop(name).aclose(self.shutdown_timeout_s)
+        self._stop_output_retry()
         not_started = []
         for name, oc in wanted.items():
             if name not in self.outputs:
@@ -300,9 +302,13 @@ class RelayApp:
                     self.outputs[name] = _OutputSlot(oc, cfg.spool, cfg.global_external_labels)
                 except Exception as e:
                     not_started.append(name)
-                    logger.error("config reload: output %s not started (the next reload tries again): %s", name, e)
+                    logger.error("config reload: output %s not started (retried every %.0f s until it starts "
+                                 "or the next reload): %s", name, OUTPUT_RETRY_S, e)
         if self._outputs_rebuilt is not None:
             self._outputs_rebuilt.set()
+        if not_started:
+            self._output_retry = asyncio.create_task(
+                self._retry_outputs([wanted[n] for n in not_started], cfg), name="output retry")
         self.cfg = cfg
         self.scraper.body_limit_bytes = cfg.global_body_size_limit
         self._relabel.clear()
@@ -315,6 +321,28 @@ class RelayApp:
         self.metrics.config_reloads.labels("ok").inc()
         logger.info("config reloaded (%s)", cfg.source or "flags")
         return True
+
+    async def _retry_outputs(self, configs: List["_config.OutputConfig"], cfg: "_config.RelayConfig") -> None:
+        """Start the outputs a reload could not (a spool directory in the way, a TLS file not
+        there yet), every OUTPUT_RETRY_S, until each starts; the next reload cancels this."""
+        pending = list(configs)
+        while pending:
+            await asyncio.sleep(OUTPUT_RETRY_S)
+            for oc in list(pending):
+                try:
+                    slot = _OutputSlot(oc, cfg.spool, cfg.global_external_labels)
+                except Exception:
+                    continue  # logged at the reload; still failing
+                pending.remove(oc)
+                self.outputs[oc.name] = slot
+                if self._outputs_rebuilt is not None:
+                    self._outputs_rebuilt.set()
+                logger.info("output %s started", oc.name)
+
+    def _stop_output_retry(self) -> None:
+        if self._output_retry is not None:
+            self._output_retry.cancel()
+            self._output_retry = None
 
     # -- targets ---------------------------------------------------------------------------------
     def _build_sources(self, cfg: "_config.RelayConfig") -> List[TargetSource]:
@@ -518,6 +546,7 @@ class RelayApp:
         logger.info("stopping: flushing %d output(s) (at most %.0fs)", len(self.outputs), self.shutdown_timeout_s)
         await self._stop_sources()
         await self.scraper.aclose()
+        self._stop_output_retry()
         if self._replay_task is not None:
             self._replay_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -530,6 +559,9 @@ class RelayApp:
             await self._server.stop()
         logger.info("stopped")
 
+
+#: Seconds between attempts to start an output a reload could not start.
+OUTPUT_RETRY_S = 5.0
 
 #: Prometheus' synthetic per-target series, relayed with the target's samples.
 HEALTH_SERIES = ("up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling")
