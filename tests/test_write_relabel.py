@@ -288,6 +288,26 @@ def test_each_output_gets_what_its_rules_let_through(victoria_metrics_server, pr
     assert 'dcgmrelay_output_samples_dropped_total{output="all",reason="write_relabel"} 0.0' in metrics
 
 
+
+def test_an_outputs_dropped_samples_keep_the_transports_reasons() -> None:
+    from dcgmrelay.app import _OutputSlot
+    from dcgmrelay.selfmetrics import output_families
+
+    oc = C.load_config(textwrap.dedent("""
+        targets: [{name: t, endpoints: [{url: "http://127.0.0.1:9400/metrics"}]}]
+        outputs: [{name: o, type: remote-write, url: "http://127.0.0.1:9/api/v1/write",
+                   write_relabel_configs: [{action: drop, source_labels: [__name__], regex: up}]}]
+    """)).outputs[0]
+    slot = _OutputSlot(oc, C.SpoolConfig())
+    slot.output.stats.dropped_samples["http_400"] = 7  # as the transport counts a rejected batch
+    assert slot.relabel is not None
+    slot.relabel.dropped = 3
+    fams = {f.name: f for f in output_families({"o": {**slot.output.stats.as_dict(),
+                                                       "dropped_samples": slot.dropped_samples()}})}
+    got = {s.labels["reason"]: s.value for s in fams["dcgmrelay_output_samples_dropped"].samples}
+    assert got == {"http_400": 7, "write_relabel": 3}
+
+
 # -- global.external_labels -----------------------------------------------------------------------
 def test_external_labels_from_file_flags_and_environment() -> None:
     text = textwrap.dedent("""

@@ -159,8 +159,10 @@ class _OutputSlot:
             await self.output.submit(batch)
 
     def dropped_samples(self) -> Dict[str, int]:
-        """Samples this output did not get, by reason (the relay's own drops are global)."""
-        return {"write_relabel": self.relabel.dropped if self.relabel is not None else 0}
+        """Samples this output did not get, by reason: its write_relabel_configs', and those of
+        the batches it dropped (the relay's own drops are global)."""
+        return {**self.output.stats.dropped_samples,
+                "write_relabel": self.relabel.dropped if self.relabel is not None else 0}
 
     async def aclose(self, timeout_s: float) -> None:
         if self.wal is not None:

@@ -170,29 +170,27 @@ def output_families(outputs: Mapping[str, Mapping[str, object]]) -> Iterator[Met
             if isinstance(v, (int, float)):
                 fam.add_metric([out], v)
         yield fam
-    dropped = CounterMetricFamily("dcgmrelay_output_batches_dropped", "Batches dropped, by reason.",
-                                  labels=["output", "reason"])
-    for out, st in outputs.items():
-        by = st.get("dropped_batches")
-        if isinstance(by, Mapping):
-            for reason, n in by.items():
-                dropped.add_metric([out, str(reason)], n)
-    yield dropped
-    sdropped = CounterMetricFamily("dcgmrelay_output_samples_dropped",
-                                   "Samples an output did not get, by reason (write_relabel: its rules dropped them).",
-                                   labels=["output", "reason"])
-    for out, st in outputs.items():
-        by = st.get("dropped_samples")
-        if isinstance(by, Mapping):
-            for reason, n in by.items():
-                sdropped.add_metric([out, str(reason)], n)
-    yield sdropped
+    yield _by_reason(outputs, "dropped_batches", "dcgmrelay_output_batches_dropped", "Batches dropped, by reason.")
+    yield _by_reason(outputs, "dropped_samples", "dcgmrelay_output_samples_dropped",
+                     "Samples an output did not get, by reason (write_relabel: its rules dropped them; "
+                     "the others: in the batches it dropped).")
     inflight = GaugeMetricFamily("dcgmrelay_output_requests_in_flight", "Requests in flight.", labels=["output"])
     for out, st in outputs.items():
         v = st.get("in_flight")
         if isinstance(v, (int, float)):
             inflight.add_metric([out], v)
     yield inflight
+
+
+def _by_reason(outputs: Mapping[str, Mapping[str, object]], key: str, name: str, doc: str) -> Metric:
+    """A counter per output and reason, from each output's ``key`` stats (reason -> count)."""
+    fam = CounterMetricFamily(name, doc, labels=["output", "reason"])
+    for out, st in outputs.items():
+        by = st.get(key)
+        if isinstance(by, Mapping):
+            for reason, n in by.items():
+                fam.add_metric([out, str(reason)], n)
+    return fam
 
 
 def spool_families(spools: Mapping[str, Mapping[str, Optional[float]]], now: Optional[float] = None
