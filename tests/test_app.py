@@ -40,6 +40,15 @@ async def _run_for(app: RelayApp, seconds: float) -> None:
     await task
 
 
+async def _run_and_collect(app: RelayApp, rx: CompactReceiver, seconds: float):
+    """Run ``app`` for ``seconds``; what ``rx`` received and the relay's /metrics text."""
+    from prometheus_client import generate_latest
+
+    await _run_for(app, seconds)
+    rx.flush()
+    return rx.received_samples(), generate_latest(app.metrics.registry).decode()
+
+
 def _expected_last(node_bodies, spec="default"):
     """(name, sorted labels) -> value of the last scrape, as the relay keeps them."""
     s = dcgmrelay.parse(node_bodies)
@@ -443,11 +452,7 @@ def test_label_limits_fail_the_scrape_count_and_say_why(caplog, key, over):
             rx = CompactReceiver().start()
             try:
                 app = RelayApp(_cfg(target=[ex.url], compact=[rx.compact_url], **{key: str(limit)}))
-                await _run_for(app, 1.6)
-                rx.flush()
-                from prometheus_client import generate_latest
-
-                return rx.received_samples(), generate_latest(app.metrics.registry).decode()
+                return await _run_and_collect(app, rx, 1.6)
             finally:
                 rx.stop()
 
@@ -506,11 +511,7 @@ def test_a_jobs_limits_win_over_the_global_ones(caplog):
                     listen: 127.0.0.1:0
                     """))
                 app = RelayApp(cfg)
-                await _run_for(app, 1.6)
-                rx.flush()
-                from prometheus_client import generate_latest
-
-                return rx.received_samples(), generate_latest(app.metrics.registry).decode()
+                return await _run_and_collect(app, rx, 1.6)
             finally:
                 rx.stop()
 
