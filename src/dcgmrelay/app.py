@@ -201,6 +201,7 @@ class RelayApp:
         self._source_tasks: List[asyncio.Task[None]] = []
         # per target: its metric_relabel_configs and their compiled rules
         self._relabel: Dict[str, Tuple[Any, RelabelRules]] = {}
+        self._limits: Dict[str, Tuple[Target, ScrapeLimits]] = {}
         self._limit_memo: Dict[str, Dict[str, Any]] = {}  # per target: _label_limit_problem's
         self._down: set[str] = set()
         self._logged_errors: Dict[str, str] = {}
@@ -314,6 +315,7 @@ class RelayApp:
         self.cfg = cfg
         self.scraper.body_limit_bytes = cfg.global_body_size_limit
         self._relabel.clear()
+        self._limits.clear()  # global limits may have changed
         await self._stop_sources()
         self._start_sources(sources)
         if not_started:
@@ -407,6 +409,7 @@ class RelayApp:
             self._relabel.pop(key, None)
             self._label_memo.pop(key, None)
             self._limit_memo.pop(key, None)
+            self._limits.pop(key, None)
             self._logged_errors.pop(key, None)
             self._down.discard(key)
         self.metrics.targets.labels("all").set(len(all_targets))
@@ -458,8 +461,12 @@ class RelayApp:
             if rules is not None:
                 scrape = scrape.relabeled(rules)
             post = len(scrape)
-            # the job's limits where it sets them, else the global ones (0: none)
-            limits = r.target.limits.over(self.cfg.global_limits)
+            # the job's limits where it sets them, else the global ones (0: none); resolved
+            # once per target object and config, not per scrape
+            lim = self._limits.get(key)
+            if lim is None or lim[0] is not r.target:
+                lim = self._limits[key] = (r.target, r.target.limits.over(self.cfg.global_limits))
+            limits = lim[1]
             limit = limits.sample_limit
             if limit and post > limit:  # Prometheus' sample_limit: the whole scrape fails
                 up, scrape = False, None
