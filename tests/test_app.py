@@ -280,6 +280,42 @@ def test_an_output_a_reload_could_not_start_starts_once_it_can(tmp_path, monkeyp
         rx_b.stop()
 
 
+def test_a_failing_target_is_logged_again_only_when_its_failure_changes_kind(caplog):
+    """503 with a different body every time: one warning; then 404s: one more; back up and
+    down again: one more. Not a line per scrape."""
+    from dcgmrelay._http import HttpServer
+
+    calls = [0]
+
+    async def handler(method, path, query, headers, data):
+        calls[0] += 1
+        n = calls[0]
+        if n <= 4:
+            return 503, {}, f"overloaded, request id {n * 7919:x}".encode()
+        if n <= 8:
+            return 404, {}, b"no such page"
+        if n <= 10:
+            return 200, {"Content-Type": "text/plain"}, b"up_metric 1\n"
+        return 503, {}, b"overloaded again"
+
+    async def main():
+        async with HttpServer(handler) as srv:
+            rx = CompactReceiver().start()
+            try:
+                app = RelayApp(_cfg(target=[srv.url + "/metrics"], compact=[rx.compact_url],
+                                    interval="100ms", timeout="100ms"))
+                await _run_for(app, 1.6)
+            finally:
+                rx.stop()
+
+    with caplog.at_level("WARNING", logger="dcgmrelay"):
+        asyncio.run(main())
+    assert calls[0] >= 12
+    said = [r.getMessage().split("scrape failed: ", 1)[1] for r in caplog.records
+            if "scrape failed" in r.getMessage()]
+    assert [m.split(":", 1)[0] for m in said] == ["HTTP 503", "HTTP 404", "HTTP 503"], said
+
+
 def test_the_app_makes_its_asyncio_objects_on_the_loop_that_runs_it(monkeypatch):
     """`dcgmrelay run` builds the RelayApp before asyncio.run() starts a loop. On Python 3.9 an
     asyncio.Event made then binds another loop, and run() failed at once ("attached to a

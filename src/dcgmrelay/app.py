@@ -203,7 +203,10 @@ class RelayApp:
         self._relabel: Dict[str, Tuple[Any, RelabelRules]] = {}
         self._limits: Dict[str, Tuple[Target, ScrapeLimits]] = {}
         self._limit_memo: Dict[str, Dict[str, Any]] = {}  # per target: _label_limit_problem's
-        self._down: set[str] = set()
+        # failing targets -> the kind of their failure (the reason up to its first colon: "HTTP
+        # 503", "ConnectError", "sample limit 5000 exceeded"): logged once per target and kind,
+        # until it answers again
+        self._down: Dict[str, str] = {}
         self._logged_errors: Dict[str, str] = {}
         # per target: the label sets with the target's labels, reused while the exporter's
         # label sets stay the same (Scrape.with_labels' memo)
@@ -411,7 +414,7 @@ class RelayApp:
             self._limit_memo.pop(key, None)
             self._limits.pop(key, None)
             self._logged_errors.pop(key, None)
-            self._down.discard(key)
+            self._down.pop(key, None)
         self.metrics.targets.labels("all").set(len(all_targets))
         if started or stopped:
             logger.info("targets: %d (+%d, -%d)", len(all_targets), started, stopped)
@@ -482,10 +485,12 @@ class RelayApp:
                     self.label_limit_dropped += post
         m.scraped(key, up, r.duration_s, r.timestamp_ms / 1000)
         if up:
-            self._down.discard(key)
-        elif key not in self._down:  # log a failing target once, until it answers again
-            self._down.add(key)
-            logger.warning("%s: scrape failed: %s", key, error)
+            self._down.pop(key, None)
+        else:
+            kind = (error or "").split(":", 1)[0]
+            if self._down.get(key) != kind:  # a timeout becoming a 503, a refusal a limit: said again
+                self._down[key] = kind
+                logger.warning("%s: scrape failed: %s", key, error)
         # The health series travel in the same batch (one request per scrape). A failed scrape
         # sends only them: every other series of the target is then absent and goes stale.
         health = _health_scrape(labels, up, r.duration_s, scraped, post)
